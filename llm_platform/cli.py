@@ -1,0 +1,103 @@
+"""``llmp``: the platform's command line.
+
+    llmp models build-tiny --out DIR      build the three tiny local models
+    llmp data write --out DIR             write the synthetic datasets as files
+    llmp generate --model PATH --prompt TEXT [--engine vllm|transformers] [--adapter KIND:PATH] ...
+    llmp demo [key=value ...]             the end-to-end run on the embedded default
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from llm_platform.errors import PlatformError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmp", description="Serve, fine-tune, align and tune LLMs on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="local models").add_subparsers(dest="action", required=True)
+    tiny = models.add_parser("build-tiny", help="build tiny-s, tiny-m and tiny-l (deterministic)")
+    tiny.add_argument("--out", required=True, help="folder to write the three checkpoints into")
+    tiny.add_argument("--force", action="store_true", help="rebuild even if the checkpoints exist")
+    tiny.set_defaults(run=_build_tiny)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    write = data.add_parser("write", help="write the synthetic datasets as SPLIT files")
+    write.add_argument("--out", required=True)
+    write.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    write.set_defaults(run=_write_data)
+
+    gen = commands.add_parser("generate", help="generate from one model, optionally with an adapter")
+    gen.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
+    gen.add_argument("--adapter", help="KIND:PATH with KIND lora or soft_prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.set_defaults(run=_generate)
+
+    demo = commands.add_parser("demo", help="the end-to-end run on the embedded default")
+    demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_tokens=32")
+    demo.set_defaults(run=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except PlatformError as exc:
+        print(f"llmp: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _build_tiny(args) -> None:
+    from llm_platform.models.tiny import build_tiny_models, parameter_count
+
+    for name, path in build_tiny_models(args.out, force=args.force).items():
+        print(f"{name}: {path} ({parameter_count(path):,} parameters)")
+
+
+def _write_data(args) -> None:
+    from llm_platform.data.loader import write_synthetic
+
+    for path in write_synthetic(args.out, args.format):
+        print(path)
+
+
+def _generate(args) -> None:
+    from llm_platform.engine import AdapterRef, EngineConfig, SamplingParams, build_engine
+    from llm_platform.engine.adapters import inspect_adapter
+    from llm_platform.models.loading import load_model_config
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
+    adapter = None
+    if args.adapter:
+        kind, _, path = args.adapter.partition(":")
+        if kind not in ("lora", "soft_prompt") or not path:
+            raise SystemExit("llmp: error: --adapter takes KIND:PATH with KIND lora or soft_prompt")
+        inspect_adapter(path, load_model_config(args.model), expected_kind=kind)
+        adapter = AdapterRef(name="cli", kind=kind, path=path)
+    engine = build_engine(EngineConfig(model=args.model, kind=args.engine))
+    try:
+        result = asyncio.run(engine.generate(args.prompt, params, adapter))
+    finally:
+        engine.shutdown()
+    print(result.choices[0].text)
+
+
+def _demo(args) -> None:
+    from llm_platform import demo
+    from llm_platform.config import load_config
+
+    demo.run(load_config(demo.DemoConfig, overrides=args.overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

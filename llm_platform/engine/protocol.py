@@ -1,0 +1,209 @@
+"""The engine interface shared by serving and RLHF rollouts.
+
+An engine turns a prompt, sampling settings and an optional adapter into a
+stream of :class:`Chunk` s. Two real implementations sit behind it
+(:mod:`.vllm_engine` and :mod:`.hf_engine`); which one runs is a config choice,
+never a code path.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llm_platform.config import FrozenConfig
+from llm_platform.errors import SamplingError
+
+AdapterKind = Literal["lora", "soft_prompt"]
+Prompt = str | list[int]
+
+
+class EngineConfig(FrozenConfig):
+    """How to run one base model."""
+
+    model: str
+    """Local checkpoint folder or hub id."""
+    kind: Literal["vllm", "transformers"] = "vllm"
+    """vllm for serving and rollouts; transformers for the reference and where vLLM is absent."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Weights and activations. vLLM on CPU needs float32 here (bfloat16 crashes its worker)."""
+    device: str = "cpu"
+    """Device of the transformers engine (cpu, cuda, cuda:1); vLLM picks its own platform."""
+    max_model_len: int = Field(1024, gt=0)
+    """Longest prompt plus completion, in tokens."""
+    max_num_seqs: int = Field(64, gt=0)
+    """Sequences vLLM batches together."""
+    enable_lora: bool = True
+    """Accept LoRA adapters per request."""
+    max_lora_rank: int = Field(64, gt=0)
+    """Largest LoRA rank accepted."""
+    max_loras: int = Field(4, gt=0)
+    """LoRA adapters active in one vLLM batch."""
+    max_cpu_loras: int = Field(16, gt=0)
+    """Adapters (LoRA and soft prompts) kept loaded per engine; least recently used ones are evicted."""
+    enable_soft_prompts: bool = True
+    """Accept soft prompts (PEFT prompt tuning) per request, served through prompt embeddings."""
+    tensor_parallel_size: int = Field(1, gt=0)
+    """GPUs one vLLM replica spans."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Share of GPU memory vLLM may take (GPU only)."""
+    cpu_kv_cache_gib: float = Field(1.0, gt=0)
+    """KV cache vLLM reserves on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    seed: int = 0
+    """Engine seed, used when a request gives none."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, named and bounded as in the OpenAI API."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: the sampled token's, plus the k most likely."""
+
+    def __post_init__(self):
+        checks = [
+            ("temperature", 0 <= self.temperature <= 2, "must be between 0 and 2 (0 is greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k == -1 or self.top_k >= 0, "must be >= 0 (0 or -1 disables it)"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= 2, "must be in (0, 2]"),
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("n", 1 <= self.n <= 16, "must be between 1 and 16"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be between 0 and 20"),
+            ("stop", len(self.stop) <= 4 and all(self.stop), "at most 4 non-empty strings"),
+        ]
+        for param, ok, message in checks:
+            if not ok:
+                raise SamplingError(param, f"{message} (got {getattr(self, param)!r})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter as an engine sees it: a PEFT folder of one kind, at one version."""
+
+    name: str
+    kind: AdapterKind
+    path: str
+    version: int = 0
+
+    @property
+    def key(self) -> str:
+        """Unique per version, so a replaced adapter never reuses its predecessor's cache slot."""
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
+class Chunk:
+    """New output of one choice since the previous chunk; ``finish_reason`` set on its last."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.text += chunk.text
+        self.token_ids += chunk.token_ids
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + chunk.logprobs
+        if chunk.top_logprobs is not None:
+            self.top_logprobs = (self.top_logprobs or []) + chunk.top_logprobs
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+
+@dataclass
+class Result:
+    prompt_token_ids: list[int]
+    choices: list[Choice]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)
+
+
+class Engine(abc.ABC):
+    """One base model with per-request adapters. Implementations: vLLM and transformers."""
+
+    config: EngineConfig
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self):
+        """The base model's tokenizer (a transformers tokenizer)."""
+
+    @abc.abstractmethod
+    def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
+               request_id: str | None = None) -> AsyncIterator[Chunk]:
+        """Generate from token ids, yielding chunks as tokens are produced."""
+
+    @abc.abstractmethod
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        """Make ``adapter`` resident (validated by the caller); later requests use it without loading."""
+
+    @abc.abstractmethod
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        """Drop ``adapter`` from this engine; a no-op when it is not loaded."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Release the engine's processes and memory."""
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of ``prompt``: text is tokenized with the model's special tokens (BOS)."""
+        ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise SamplingError("prompt", "is empty")
+        if len(ids) >= self.config.max_model_len:
+            raise SamplingError("prompt", f"has {len(ids)} tokens; this model takes fewer than "
+                                          f"{self.config.max_model_len}")
+        vocab = len(self.tokenizer)
+        if any(not 0 <= i < vocab for i in ids):
+            raise SamplingError("prompt", f"token ids must be in [0, {vocab})")
+        return ids
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, adapter: AdapterRef | None = None,
+                       request_id: str | None = None) -> Result:
+        """The whole result of :meth:`stream`."""
+        ids = self.encode(prompt)
+        choices = [Choice(index=i) for i in range(params.n)]
+        async for chunk in self.stream(ids, params, adapter, request_id):
+            choices[chunk.index].add(chunk)
+        return Result(prompt_token_ids=ids, choices=choices)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

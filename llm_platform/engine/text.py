@@ -1,0 +1,33 @@
+"""Incremental detokenization with stop strings, OpenAI semantics: the stop string is not returned."""
+
+from __future__ import annotations
+
+
+class StopChecker:
+    """Turns a growing list of token ids into text deltas, withholding what may begin a stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.emitted = 0
+        # A stop string may straddle tokens: keep back as many characters as one could leave unfinished.
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+
+    def push(self, token_id: int, final: bool = False) -> tuple[str, bool]:
+        """Add a token; return the new text to emit and whether a stop string was reached."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            end = min(hits)
+            delta, self.emitted = text[self.emitted:end], max(self.emitted, end)
+            return delta, True
+        end = len(text) if final else len(text) - self.holdback
+        if not final:
+            # A byte-level token may end inside a UTF-8 character: wait for the rest of it.
+            while end > self.emitted and text[end - 1] == "\ufffd":
+                end -= 1
+        end = max(end, self.emitted)
+        delta, self.emitted = text[self.emitted:end], end
+        return delta, False

@@ -1,0 +1,148 @@
+"""The vLLM engine: continuous batching, LoRA per request, soft prompts as prompt embeddings.
+
+vLLM removed prompt adapters, so a soft prompt (PEFT prompt tuning) is served the
+way PEFT computes it: its virtual-token embeddings are prepended to the prompt's
+token embeddings and the result is passed as ``prompt_embeds``. The token
+embedding matrix is read once from the checkpoint for that.
+
+Scripts that build this engine need an ``if __name__ == "__main__":`` guard:
+vLLM starts its engine core with the spawn method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from llm_platform.engine.adapters import load_soft_prompt
+from llm_platform.engine.protocol import AdapterRef, Chunk, Engine, EngineConfig, SamplingParams, new_request_id
+from llm_platform.errors import AdapterError, SamplingError
+from llm_platform.models.loading import load_tokenizer, resolve_model
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+
+
+class VLLMEngine(Engine):
+    def __init__(self, config: EngineConfig):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config = config
+        self.path = resolve_model(config.model)
+        self._tokenizer = load_tokenizer(self.path)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.cpu_kv_cache_gib)))
+        args = AsyncEngineArgs(
+            model=self.path, dtype=config.dtype, seed=config.seed, max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs, tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization, enable_lora=config.enable_lora,
+            max_lora_rank=config.max_lora_rank if config.enable_lora else None,
+            max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
+            enable_prompt_embeds=config.enable_soft_prompts, disable_log_stats=True)
+        self.llm = AsyncLLM.from_engine_args(args)
+        self._embeddings = _read_input_embeddings(self.path) if config.enable_soft_prompts else None
+        self._soft_prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lora_ids: OrderedDict[str, int] = OrderedDict()
+        self._next_lora_id = 1
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
+                     request_id: str | None = None) -> AsyncIterator[Chunk]:
+        from vllm.sampling_params import RequestOutputKind
+
+        lora_request, prompt, n_prompt = None, {"prompt_token_ids": prompt_ids}, len(prompt_ids)
+        if adapter is not None and adapter.kind == "soft_prompt":
+            prefix = self._soft_prompt(adapter)
+            prompt = {"prompt_embeds": torch.cat([prefix, self._embeddings[prompt_ids]])}
+            n_prompt += len(prefix)
+        elif adapter is not None:
+            lora_request = self._lora_request(adapter)
+        sampling = self._sampling(params, n_prompt)
+        sampling.output_kind = RequestOutputKind.DELTA
+        (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
+        async for output in self.llm.generate(engine_input, sampling, request_id or new_request_id(),
+                                              lora_request=lora_request):
+            for completion in output.outputs:
+                yield _chunk(completion, params.logprobs)
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        if adapter.kind == "soft_prompt":
+            self._soft_prompt(adapter)
+        else:
+            await self.llm.add_lora(self._lora_request(adapter))
+
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        if self._soft_prompts.pop(adapter.key, None) is None and adapter.key in self._lora_ids:
+            await self.llm.remove_lora(self._lora_ids.pop(adapter.key))
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            llm, self.llm = self.llm, None
+            llm.shutdown()
+
+    def _sampling(self, params: SamplingParams, n_prompt: int):
+        from vllm import SamplingParams as VSamplingParams
+
+        room = self.config.max_model_len - n_prompt
+        if room < 1:
+            raise SamplingError("prompt", f"leaves no room to generate within {self.config.max_model_len} tokens")
+        return VSamplingParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            repetition_penalty=params.repetition_penalty, max_tokens=min(params.max_tokens, room),
+            stop=list(params.stop) or None, seed=params.seed, logprobs=params.logprobs)
+
+    def _soft_prompt(self, adapter: AdapterRef) -> torch.Tensor:
+        if not self.config.enable_soft_prompts:
+            raise AdapterError("soft prompts are disabled for this model (enable_soft_prompts: false)")
+        if adapter.key not in self._soft_prompts:
+            self._soft_prompts[adapter.key] = load_soft_prompt(adapter.path)
+            while len(self._soft_prompts) > self.config.max_cpu_loras:
+                self._soft_prompts.popitem(last=False)
+        self._soft_prompts.move_to_end(adapter.key)
+        return self._soft_prompts[adapter.key]
+
+    def _lora_request(self, adapter: AdapterRef):
+        from vllm.lora.request import LoRARequest
+
+        if not self.config.enable_lora:
+            raise AdapterError("LoRA adapters are disabled for this model (enable_lora: false)")
+        if adapter.key not in self._lora_ids:
+            # vLLM caches adapters by integer id (its own LRU of max_cpu_loras); a new version gets a new id.
+            self._lora_ids[adapter.key] = self._next_lora_id
+            self._next_lora_id += 1
+            while len(self._lora_ids) > 4 * self.config.max_cpu_loras:
+                self._lora_ids.popitem(last=False)
+        self._lora_ids.move_to_end(adapter.key)
+        return LoRARequest(adapter.key, self._lora_ids[adapter.key], adapter.path)
+
+
+def _chunk(completion, k: int | None) -> Chunk:
+    chunk = Chunk(index=completion.index, text=completion.text, token_ids=list(completion.token_ids),
+                  finish_reason=completion.finish_reason if completion.finished() else None)
+    if k is not None and completion.logprobs is not None:
+        chunk.logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
+        chunk.top_logprobs = [{token: lp.logprob for token, lp in step.items()} for step in completion.logprobs]
+    return chunk
+
+
+def _read_input_embeddings(path: str) -> torch.Tensor:
+    """The token embedding matrix, read straight from the safetensors files (no model load)."""
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("embed_tokens.weight"):
+                    return f.get_tensor(key).float()
+    raise AdapterError(f"model {path}: no embed_tokens weight found, so soft prompts cannot be served")

@@ -1,0 +1,62 @@
+"""Finding and loading models named by a local path or a hub id.
+
+Every place that takes a model name goes through :func:`resolve_model`, so a
+mistyped path or an unreachable hub fails with one clear message instead of a
+traceback from deep inside transformers or vLLM.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from llm_platform.errors import ModelNotFoundError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model(name: str) -> str:
+    """A local checkpoint folder for ``name``: the path itself, or a hub snapshot."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder {path} has no config.json: not a Hugging Face checkpoint")
+        return str(path)
+    if path.exists():
+        raise ModelNotFoundError(f"model path {path} is a file; expected a checkpoint folder")
+    if name.startswith(("/", ".", "~")) or not HUB_ID.match(name):
+        raise ModelNotFoundError(f"model path {name} does not exist (build the tiny models with "
+                                 f"`llmp models build-tiny --out DIR`, or give a hub id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # offline, gated, unknown repo: one message for all
+        raise ModelNotFoundError(f"cannot fetch hub model {name!r}: {type(exc).__name__}: {str(exc)[:200]}. "
+                                 f"Without network, use a local checkpoint folder.") from None
+
+
+def load_model_config(name: str) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(resolve_model(name))
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu", quantization=None):
+    """A causal LM in eval mode; ``quantization`` is a transformers quantization config (e.g. 4-bit)."""
+    kwargs = {"dtype": DTYPES[dtype]}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
+    if quantization is None:
+        model = model.to(device)
+    return model.eval()

@@ -1,0 +1,98 @@
+"""Shared, session-scoped fixtures: the tiny models and adapters are built once, each vLLM
+engine is started once, and all async engine calls run on one long-lived event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_platform.models.tiny import TINY_NAMES, build_tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def make_lora(base: Path, out: Path, seed: int, rank: int = 8, targets=("q_proj", "v_proj", "o_proj", "down_proj")):
+    """A LoRA adapter with random (non-zero) A and B, so it visibly changes the base's output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.save_pretrained(out)
+    return out
+
+
+def make_soft_prompt(base: Path, out: Path, seed: int, tokens: int = 8):
+    """A prompt-tuning adapter whose virtual tokens are random embeddings of the base's scale."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tokens))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 1)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_models, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """``adapters[size]["lora" | "soft_prompt"]``: one of each per tiny model."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {size: {"lora": make_lora(tiny_models[size], root / f"{size}-lora", seed=i),
+                   "soft_prompt": make_soft_prompt(tiny_models[size], root / f"{size}-soft", seed=i)}
+            for i, size in enumerate(TINY_NAMES)}
+
+
+class LoopThread:
+    """An event loop on its own thread: engines bound to it can be used from any sync test."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def loop():
+    runner = LoopThread()
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_models, loop):
+    """``engines(size, kind)``: one engine per (tiny model, engine kind), started on first use."""
+    from llm_platform.engine import EngineConfig, build_engine
+
+    started = {}
+
+    async def start(config):
+        return build_engine(config)
+
+    def get(size: str, kind: str):
+        if (size, kind) not in started:
+            started[(size, kind)] = loop.run(start(EngineConfig(model=str(tiny_models[size]), kind=kind,
+                                                                max_model_len=512)))
+        return started[(size, kind)]
+
+    yield get
+    for engine in started.values():
+        engine.shutdown()
