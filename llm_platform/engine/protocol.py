@@ -87,6 +87,7 @@ class SamplingParams:
             ("repetition_penalty", 0 < self.repetition_penalty <= 2, "must be in (0, 2]"),
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
             ("n", 1 <= self.n <= 16, "must be between 1 and 16"),
+            ("n", self.n == 1 or self.temperature > 0, "must be 1 when temperature is 0 (greedy has one answer)"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be between 0 and 20"),
             ("stop", len(self.stop) <= 4 and all(self.stop), "at most 4 non-empty strings"),
         ]

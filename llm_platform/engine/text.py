@@ -24,10 +24,10 @@ class StopChecker:
             delta, self.emitted = text[self.emitted:end], max(self.emitted, end)
             return delta, True
         end = len(text) if final else len(text) - self.holdback
-        if not final:
-            # A byte-level token may end inside a UTF-8 character: wait for the rest of it.
-            while end > self.emitted and text[end - 1] == "\ufffd":
-                end -= 1
+        # A byte-level token may end inside a UTF-8 character: wait for the rest of it, and drop
+        # it if generation ends first (as vLLM's detokenizer does).
+        while end > self.emitted and text[end - 1] == "\ufffd":
+            end -= 1
         end = max(end, self.emitted)
         delta, self.emitted = text[self.emitted:end], end
         return delta, False

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from llm_platform.engine.adapters import load_soft_prompt
+from llm_platform.engine.gate import KindGate
 from llm_platform.engine.protocol import AdapterRef, Chunk, Engine, EngineConfig, SamplingParams, new_request_id
 from llm_platform.errors import AdapterError, SamplingError
 from llm_platform.models.loading import load_tokenizer, resolve_model
@@ -50,6 +51,8 @@ class VLLMEngine(Engine):
         self._soft_prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lora_ids: OrderedDict[str, int] = OrderedDict()
         self._next_lora_id = 1
+        # Only needed when both adapter kinds are on (see gate.py for the vLLM failure it avoids).
+        self._gate = KindGate() if config.enable_lora and config.enable_soft_prompts else None
 
     @property
     def tokenizer(self):
@@ -69,10 +72,20 @@ class VLLMEngine(Engine):
         sampling = self._sampling(params, n_prompt)
         sampling.output_kind = RequestOutputKind.DELTA
         (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
-        async for output in self.llm.generate(engine_input, sampling, request_id or new_request_id(),
-                                              lora_request=lora_request):
-            for completion in output.outputs:
-                yield _chunk(completion, params.logprobs)
+        gated = adapter.kind if adapter is not None and self._gate is not None else None
+        if gated:
+            await self._gate.acquire(gated)
+        try:
+            async for output in self.llm.generate(engine_input, sampling, request_id or new_request_id(),
+                                                  lora_request=lora_request):
+                if gated == "soft_prompt":  # prefill done: its tokens are plain ids from here on
+                    await self._gate.release(gated)
+                    gated = None
+                for completion in output.outputs:
+                    yield _chunk(completion, params.logprobs)
+        finally:
+            if gated:
+                await self._gate.release(gated)
 
     async def load_adapter(self, adapter: AdapterRef) -> None:
         if adapter.kind == "soft_prompt":

@@ -1,0 +1,76 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig
+
+from llm_platform.engine.adapters import inspect_adapter, load_soft_prompt
+from llm_platform.errors import AdapterError
+
+
+@pytest.fixture(scope="module")
+def configs(tiny_models):
+    return {name: AutoConfig.from_pretrained(path) for name, path in tiny_models.items()}
+
+
+def test_valid_adapters_are_described(adapters, configs):
+    lora = inspect_adapter(adapters["tiny-s"]["lora"], configs["tiny-s"])
+    assert (lora.kind, lora.rank, lora.target_modules) == ("lora", 8, ("down_proj", "o_proj", "q_proj", "v_proj"))
+    soft = inspect_adapter(adapters["tiny-m"]["soft_prompt"], configs["tiny-m"], expected_kind="soft_prompt")
+    assert (soft.kind, soft.num_virtual_tokens) == ("soft_prompt", 8)
+    assert load_soft_prompt(adapters["tiny-m"]["soft_prompt"]).shape == (8, configs["tiny-m"].hidden_size)
+
+
+def test_adapters_for_another_base_are_refused_by_shape(adapters, configs):
+    with pytest.raises(AdapterError, match=r"_proj lora_[AB] has shape \[\d+, \d+\], the base needs \[\d+, \d+\]"):
+        inspect_adapter(adapters["tiny-s"]["lora"], configs["tiny-m"])
+    with pytest.raises(AdapterError, match=r"soft prompt has shape \[8, 256\], the base needs \[num_virtual_tokens, 512\]"):
+        inspect_adapter(adapters["tiny-m"]["soft_prompt"], configs["tiny-l"])
+    # tiny-m has 6 layers, tiny-s only 2: layer 5 does not exist there.
+    with pytest.raises(AdapterError):
+        inspect_adapter(adapters["tiny-m"]["lora"], configs["tiny-s"])
+
+
+def test_rank_above_the_configured_maximum_is_refused(adapters, configs):
+    with pytest.raises(AdapterError, match=r"LoRA rank 8 is outside 1..4"):
+        inspect_adapter(adapters["tiny-s"]["lora"], configs["tiny-s"], max_rank=4)
+
+
+def test_kind_mismatch_and_unsupported_types(adapters, configs, tmp_path: Path):
+    with pytest.raises(AdapterError, match="is a lora adapter, not soft_prompt"):
+        inspect_adapter(adapters["tiny-s"]["lora"], configs["tiny-s"], expected_kind="soft_prompt")
+    ia3 = shutil.copytree(adapters["tiny-s"]["lora"], tmp_path / "ia3")
+    config = json.loads((ia3 / "adapter_config.json").read_text())
+    (ia3 / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(AdapterError, match="peft_type 'IA3' is not supported"):
+        inspect_adapter(ia3, configs["tiny-s"])
+
+
+def test_pickled_weights_are_refused(tiny_models, configs, tmp_path: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["tiny-s"]),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert (tmp_path / "pickled" / "adapter_model.bin").is_file()
+    with pytest.raises(AdapterError, match=r"pickled weights \(adapter_model.bin\)"):
+        inspect_adapter(tmp_path / "pickled", configs["tiny-s"])
+
+
+def test_corrupt_and_missing_files_are_reported(adapters, configs, tmp_path: Path):
+    corrupt = shutil.copytree(adapters["tiny-s"]["lora"], tmp_path / "corrupt")
+    data = (corrupt / "adapter_model.safetensors").read_bytes()
+    (corrupt / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(AdapterError, match="corrupt or unreadable"):
+        inspect_adapter(corrupt, configs["tiny-s"])
+    (corrupt / "adapter_model.safetensors").write_bytes(data)
+    (corrupt / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        inspect_adapter(corrupt, configs["tiny-s"])
+    with pytest.raises(AdapterError, match="does not exist"):
+        inspect_adapter(tmp_path / "nowhere", configs["tiny-s"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="has no adapter_model.safetensors"):
+        inspect_adapter(tmp_path / "empty", configs["tiny-s"])

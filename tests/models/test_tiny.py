@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from llm_platform.errors import ModelNotFoundError
+from llm_platform.models.loading import load_causal_lm, resolve_model
+from llm_platform.models.tiny import TINY_NAMES, build_tiny_models, checkpoint_digest, parameter_count
+
+
+def test_build_is_deterministic_byte_for_byte(tiny_models, tmp_path: Path):
+    again = build_tiny_models(tmp_path, force=True)
+    for name in TINY_NAMES:
+        files = sorted(p.name for p in tiny_models[name].iterdir())
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+        assert files == sorted(p.name for p in again[name].iterdir())
+        assert checkpoint_digest(tiny_models[name]) == checkpoint_digest(again[name])
+
+
+def test_sizes_grow_clearly_and_head_dim_is_64(tiny_models):
+    counts = [parameter_count(tiny_models[name]) for name in TINY_NAMES]
+    assert counts[0] < 1e6 < counts[1] < 1e7 < counts[2] < 5e7
+    assert counts[1] > 5 * counts[0] and counts[2] > 4 * counts[1]
+    for name in TINY_NAMES:
+        config = AutoModelForCausalLM.from_pretrained(tiny_models[name]).config
+        assert config.hidden_size // config.num_attention_heads == 64
+        assert config.model_type == "llama" and config.dtype == torch.float32
+
+
+def test_tokenizer_round_trips_and_has_a_chat_template(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["tiny-s"])
+    text = "Review: The phone is great. Ünïcödé and emoji 🚀 survive byte-level BPE."
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    # Trained on the project's corpus, so task words are single tokens rather than bytes.
+    assert len(tok(" positive negative", add_special_tokens=False).input_ids) == 2
+    chat = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert chat == "<s><|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+
+
+def test_every_size_loads_and_generates_in_transformers(tiny_models):
+    for name in TINY_NAMES:
+        model = load_causal_lm(str(tiny_models[name]))
+        tok = AutoTokenizer.from_pretrained(tiny_models[name])
+        inputs = tok("Hello", return_tensors="pt")
+        new = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, inputs.input_ids.shape[1]:]
+        assert len(new) == 5 or new[-1] == tok.eos_token_id
+
+
+def test_loads_in_4bit_with_bitsandbytes(tiny_models):
+    from bitsandbytes.nn import Linear4bit
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = load_causal_lm(str(tiny_models["tiny-m"]), quantization=quant)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+    full = load_causal_lm(str(tiny_models["tiny-m"]))
+    ids = torch.tensor([[1, 300, 301, 302]])
+    with torch.no_grad():
+        q_logits, f_logits = model(ids).logits, full(ids).logits
+    # 4-bit weights approximate the float32 ones: close, but not equal.
+    assert 0 < (q_logits - f_logits).abs().mean() < f_logits.abs().mean()
+    assert torch.nn.functional.cosine_similarity(q_logits.flatten(), f_logits.flatten(), dim=0) > 0.8
+
+
+def test_model_names_resolve_or_fail_clearly(tiny_models, tmp_path: Path):
+    assert resolve_model(str(tiny_models["tiny-s"])) == str(tiny_models["tiny-s"])
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "tiny-xl"))
+    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model("not a model id!")
