@@ -3,6 +3,7 @@
     llmp models build-tiny --out DIR      build the three tiny local models
     llmp data write --out DIR             write the synthetic datasets as files
     llmp generate --model PATH --prompt TEXT [--engine vllm|transformers] [--adapter KIND:PATH] ...
+    llmp serve --config FILE [--host H] [--port P]   OpenAI-compatible serving until Ctrl-C / SIGTERM
     llmp demo [key=value ...]             the end-to-end run on the embedded default
 """
 
@@ -43,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.set_defaults(run=_generate)
+
+    srv = commands.add_parser("serve", help="serve the models of a config over OpenAI-compatible HTTP")
+    srv.add_argument("--config", required=True, help="serving config (e.g. serve_apps/configs/local.yaml)")
+    srv.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port to listen on (default from config: 8000)")
+    srv.add_argument("--metrics-port", type=int, help="Prometheus port of a local Ray cluster started here")
+    srv.add_argument("overrides", nargs="*", help="key=value settings, e.g. adapter_store=s3://bucket/adapters")
+    srv.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="the end-to-end run on the embedded default")
     demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_tokens=32")
@@ -90,6 +99,17 @@ def _generate(args) -> None:
     finally:
         engine.shutdown()
     print(result.choices[0].text)
+
+
+def _serve(args) -> None:
+    from llm_platform.config import load_config
+    from llm_platform.serving.config import ServeConfig
+    from llm_platform.serving.launch import serve_forever
+
+    overrides = list(args.overrides)
+    overrides += [f"host={args.host}"] if args.host else []
+    overrides += [f"port={args.port}"] if args.port else []
+    serve_forever(load_config(ServeConfig, args.config, overrides), metrics_port=args.metrics_port)
 
 
 def _demo(args) -> None:

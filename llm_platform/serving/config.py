@@ -1,0 +1,58 @@
+"""What a serving application runs: which base models, on which engine, with what resources."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from llm_platform.config import FrozenConfig
+from llm_platform.engine import EngineConfig
+
+
+class Autoscaling(FrozenConfig):
+    """Serve autoscaling bounds for one model deployment."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    """Requests in flight per replica that Serve aims for when scaling."""
+
+
+class ModelSpec(FrozenConfig):
+    """One base model behind the endpoint: one Serve deployment of its own."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]{0,63}$")
+    """The name clients put in "model" (adapters are addressed as ID:ADAPTER)."""
+    engine: EngineConfig
+    num_replicas: int = Field(1, ge=1)
+    """Fixed replica count (ignored when autoscaling is set)."""
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved per replica."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs reserved per replica (set tensor_parallel_size in engine to match)."""
+    max_adapters: int = Field(8, ge=1)
+    """Adapters kept loaded per replica; the least recently used one is evicted."""
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Requests one replica accepts at once before Serve queues or rejects (503)."""
+
+
+class ServeConfig(FrozenConfig):
+    models: list[ModelSpec] = Field(min_length=1)
+    """The base models served."""
+    adapter_store: str = "artifacts/adapter_store"
+    """Folder or object-store URI (s3://, gs://) where registered adapters are kept across restarts."""
+    build_tiny_models: str | None = None
+    """If set, build the tiny models into this folder first when they are missing."""
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    adapter_sync_s: float = Field(1.0, gt=0)
+    """How often replicas check the store for replaced or deleted adapters."""
+    max_queued_requests: int = Field(256, ge=-1)
+    """Requests waiting for a replica before new ones get 503 (-1: unbounded)."""
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ServeConfig:
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model ids must be unique, got {ids}")
+        return self

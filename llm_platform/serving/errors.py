@@ -1,0 +1,23 @@
+"""OpenAI-shaped errors: every failure a client sees is one of these, built in one place."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+         409: "conflict_error", 422: "invalid_request_error", 503: "service_unavailable", 500: "internal_error"}
+
+
+class APIError(Exception):
+    """An error with its HTTP status, raised anywhere in the serving path."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
