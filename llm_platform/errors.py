@@ -27,4 +27,7 @@ class SamplingError(PlatformError, ValueError):
 
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
-        self.param = param
+        self.param, self.message = param, message
+
+    def __reduce__(self):  # picklable, so the error survives the trip from a Ray replica
+        return SamplingError, (self.param, self.message)

@@ -48,6 +48,20 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code=first["type"]).response()
 
 
+def _as_api_error(exc: Exception) -> APIError:
+    """Errors raised in a model replica (they arrive wrapped by Ray) as HTTP errors."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return APIError(503, "the model is overloaded; retry later", code="overloaded")
+    if isinstance(exc, SamplingError):
+        return APIError(400, f"{exc.param}: {exc.message}", param=exc.param)
+    if isinstance(exc, AdapterError):
+        return APIError(422, str(exc), code="invalid_adapter")
+    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
+
+# Serve pickles the ingress class when it is decorated: helpers it calls must be defined above it.
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
@@ -212,16 +226,3 @@ class Ingress:
         if key and request.headers.get("authorization") != f"Bearer {key}":
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                            code="invalid_api_key")
-
-
-def _as_api_error(exc: Exception) -> APIError:
-    """Errors raised in a model replica (they arrive wrapped by Ray) as HTTP errors."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, BackPressureError):
-        return APIError(503, "the model is overloaded; retry later", code="overloaded")
-    if isinstance(exc, SamplingError):
-        return APIError(400, str(exc).split("\n")[-1] if "\n" in str(exc) else str(exc), param=exc.param)
-    if isinstance(exc, AdapterError):
-        return APIError(422, str(exc), code="invalid_adapter")
-    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")

@@ -19,12 +19,13 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
     from serve_apps.openai_app import build, prepare
 
     config = prepare(config)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     init = {"_metrics_export_port": metrics_port} if metrics_port and started_here else {}
     ray.init(**init, logging_level="WARNING")
+    # After ray.init: Ray's core worker installs its own SIGTERM handler, which aborts the process.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         print(f"deploying {', '.join(m.id for m in config.models)} ...", flush=True)

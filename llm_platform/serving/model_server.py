@@ -74,14 +74,14 @@ class ModelServer:
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=self.spec.max_adapters)(load)
 
     async def generate(self, request: GenerateRequest) -> dict:
-        meta = openai_format.ResponseMeta(request.kind, request.model)
+        meta = openai_format.ResponseMeta(request.kind, request.model, request.sampling.logprobs or 0)
         choices = [Choice(index=i) for i in range(request.sampling.n)]
         async for ids, chunk in self._chunks(request):
             choices[chunk.index].add(chunk)
         return openai_format.whole(meta, choices, len(ids), self.tokenizer)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
-        meta = openai_format.ResponseMeta(request.kind, request.model)
+        meta = openai_format.ResponseMeta(request.kind, request.model, request.sampling.logprobs or 0)
         started, produced = set(), 0
         async for ids, chunk in self._chunks(request):
             produced += len(chunk.token_ids)

@@ -14,6 +14,8 @@ class ResponseMeta:
     kind: str
     """"completion" or "chat"."""
     model: str
+    top_logprobs: int = 0
+    """Alternatives to report per token (OpenAI's top_logprobs / logprobs)."""
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -56,11 +58,17 @@ def _choice(meta, index, text, token_ids, logprobs, top_logprobs, finish_reason,
     if meta.kind == "chat":
         choice["delta" if streamed else "message"] = {"content": text} if streamed else \
             {"role": "assistant", "content": text}
-        choice["logprobs"] = _chat_logprobs(token_ids, logprobs, top_logprobs, tokenizer)
+        choice["logprobs"] = _chat_logprobs(token_ids, logprobs, _best(top_logprobs, meta.top_logprobs), tokenizer)
     else:
         choice["text"] = text
-        choice["logprobs"] = _completion_logprobs(token_ids, logprobs, top_logprobs, tokenizer)
+        choice["logprobs"] = _completion_logprobs(token_ids, logprobs, _best(top_logprobs, meta.top_logprobs),
+                                                  tokenizer)
     return choice
+
+
+def _best(top_logprobs: list[dict[int, float]] | None, k: int) -> list[list[tuple[int, float]]]:
+    """The ``k`` most likely tokens of each step, most likely first (engines may add the sampled one)."""
+    return [sorted(top.items(), key=lambda item: -item[1])[:k] for top in top_logprobs or []]
 
 
 def _completion_logprobs(token_ids, logprobs, top_logprobs, tokenizer) -> dict | None:
@@ -72,7 +80,7 @@ def _completion_logprobs(token_ids, logprobs, top_logprobs, tokenizer) -> dict |
         offsets.append(position)
         position += len(token)
     return {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
-            "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in top.items()} for top in top_logprobs or []]}
+            "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in top} for top in top_logprobs]}
 
 
 def _chat_logprobs(token_ids, logprobs, top_logprobs, tokenizer) -> dict | None:
@@ -83,9 +91,6 @@ def _chat_logprobs(token_ids, logprobs, top_logprobs, tokenizer) -> dict | None:
         text = tokenizer.decode([token_id])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    content = []
-    for i, (token_id, logprob) in enumerate(zip(token_ids, logprobs)):
-        top = (top_logprobs or [{}] * len(token_ids))[i]
-        alternatives = sorted(((t, lp) for t, lp in top.items() if t != token_id), key=lambda x: -x[1])
-        content.append({**entry(token_id, logprob), "top_logprobs": [entry(t, lp) for t, lp in alternatives]})
+    content = [{**entry(token_id, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
+               for token_id, logprob, top in zip(token_ids, logprobs, top_logprobs)]
     return {"content": content}

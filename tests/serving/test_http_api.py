@@ -1,0 +1,189 @@
+"""The OpenAI-compatible API over real HTTP, against a real Ray Serve app on vLLM engines."""
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from llm_platform.engine import AdapterRef, SamplingParams
+from llm_platform.models.tiny import TINY_NAMES
+from tests.conftest import make_lora
+from tests.serving.conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+PROMPT = "Review: The lamp is lovely. Is this review positive or negative?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def register(server, name, base, kind, source) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/adapters", headers=server.admin(), timeout=60,
+                      json={"name": name, "base": base, "kind": kind, "source": str(source)})
+
+
+def reference(engines, loop, size, prompt=PROMPT, adapter=None, max_tokens=24):
+    engine = engines(size, "transformers")
+    return loop.run(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens), adapter)).choices[0]
+
+
+@pytest.mark.parametrize("size", TINY_NAMES)
+def test_openai_client_lists_completes_chats_and_streams(size, client):
+    assert size in [m.id for m in client.models.list().data]
+    completion = client.completions.create(model=size, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert completion.choices[0].finish_reason in ("length", "stop") and completion.usage.completion_tokens >= 1
+    chat = client.chat.completions.create(model=size, messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
+                                          temperature=0.7, top_p=0.9, seed=1)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens > 3
+    pieces = list(client.chat.completions.create(model=size, messages=[{"role": "user", "content": "Hi!"}],
+                                                 max_tokens=8, temperature=0.7, top_p=0.9, seed=1, stream=True))
+    assert len(pieces) >= 2 and pieces[-1].choices[0].finish_reason is not None
+    # Same seed, same settings: the streamed text equals the whole one.
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == chat.choices[0].message.content
+
+
+def test_greedy_http_equals_transformers_for_base_lora_and_soft_prompt(server, client, adapters, engines, loop):
+    for kind in ("lora", "soft_prompt"):
+        assert register(server, f"ref-{kind}", "tiny-m", kind, adapters["tiny-m"][kind]).status_code == 201
+    for kind, model in [("base", "tiny-m"), ("lora", "tiny-m:ref-lora"), ("soft_prompt", "tiny-m:ref-soft_prompt")]:
+        adapter = None if kind == "base" else AdapterRef(kind, kind, str(adapters["tiny-m"][kind]))
+        expected = reference(engines, loop, "tiny-m", adapter=adapter)
+        got = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0)
+        assert got.choices[0].text == expected.text, kind
+        streamed = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == expected.text, kind
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed["tiny-m:ref-lora"].model_extra["kind"] == "lora"
+    assert listed["tiny-m:ref-soft_prompt"].model_extra["parent"] == "tiny-m"
+
+
+def test_logprobs_and_sampling_parameters_pass_through(client):
+    out = client.completions.create(model="tiny-s", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert "".join(logprobs.tokens) == out.choices[0].text
+    chat = client.chat.completions.create(model="tiny-s", messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    assert len(chat.choices[0].logprobs.content) == 4
+    assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
+    many = client.completions.create(model="tiny-s", prompt=PROMPT, max_tokens=8, temperature=1.0, n=3, seed=4,
+                                     extra_body={"top_k": 20, "repetition_penalty": 1.3})
+    assert len(many.choices) == 3 and len({c.text for c in many.choices}) > 1
+    greedy = client.completions.create(model="tiny-s", prompt=PROMPT, max_tokens=30, temperature=0).choices[0].text
+    stop = greedy[10:12]
+    cut = client.completions.create(model="tiny-s", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == greedy[:greedy.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_hot_swap_under_load_and_delete(server, client, tiny_models, engines, loop, tmp_path: Path):
+    v1 = make_lora(tiny_models["tiny-s"], tmp_path / "v1", seed=101)
+    v2 = make_lora(tiny_models["tiny-s"], tmp_path / "v2", seed=202)
+    expected = {v: reference(engines, loop, "tiny-s", adapter=AdapterRef(v, "lora", str(path)), max_tokens=48).text
+                for v, path in (("v1", v1), ("v2", v2))}
+    assert expected["v1"] != expected["v2"]
+    assert register(server, "swap", "tiny-s", "lora", v1).json()["version"] == 1
+
+    def ask(_):
+        stream = client.completions.create(model="tiny-s:swap", prompt=PROMPT, max_tokens=48, temperature=0,
+                                           stream=True)
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(24) as pool:
+        in_flight = [pool.submit(ask, i) for i in range(24)]
+        swapped = register(server, "swap", "tiny-s", "lora", v2)
+        later = [pool.submit(ask, i) for i in range(4)]
+        texts = [f.result() for f in in_flight]
+        later_texts = [f.result() for f in later]
+    assert swapped.status_code == 201 and swapped.json()["version"] == 2
+    assert all(t in (expected["v1"], expected["v2"]) for t in texts)  # no failure, no mixture
+    assert later_texts == [expected["v2"]] * 4
+    assert ask(0) == expected["v2"]
+
+    assert httpx.delete(f"{server.url}/v1/adapters/tiny-s:swap", headers=server.admin()).status_code == 200
+    gone = httpx.post(f"{server.url}/v1/completions", headers=server.user(),
+                      json={"model": "tiny-s:swap", "prompt": "Hi"})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert "tiny-s:swap" not in [m.id for m in client.models.list().data]
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    return body
+
+
+def test_bad_requests_get_openai_shaped_4xx(server, tiny_models, adapters, tmp_path: Path):
+    url, user = server.url, server.user()
+
+    def complete(**body):
+        return httpx.post(f"{url}/v1/completions", headers=user, json={"prompt": "Hi", **body}, timeout=60)
+
+    assert error_of(complete(model="tiny-xl"), 404)["param"] == "model"
+    assert error_of(complete(model="tiny-s:nope"), 404)["code"] == "model_not_found"
+    for field, value in [("temperature", -1), ("top_p", 1.5), ("max_tokens", 0), ("top_k", -5), ("n", 100),
+                         ("repetition_penalty", 3.0), ("logprobs", 50)]:
+        assert error_of(complete(model="tiny-s", **{field: value}), 400)["param"] == field
+    assert error_of(complete(model="tiny-s", n=2, temperature=0), 400)["param"] == "n"
+    assert error_of(complete(model="tiny-s", prompt="word " * 2000), 400)["param"] == "prompt"
+    assert error_of(httpx.post(f"{url}/v1/completions", headers={**user, "content-type": "application/json"},
+                               content=b'{"model": "tiny-s", "prompt": '), 400)["code"] == "invalid_json"
+    assert error_of(httpx.post(f"{url}/v1/chat/completions", headers=user, json={"model": "tiny-s"}),
+                    400)["param"] == "messages"
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapters["tiny-s"]["lora"], pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    assert "pickled" in error_of(register(server, "pickle", "tiny-s", "lora", pickled), 422)["message"]
+    assert "the base needs" in error_of(register(server, "other", "tiny-s", "lora", adapters["tiny-m"]["lora"]),
+                                        422)["message"]
+    assert error_of(register(server, "../../etc", "tiny-s", "lora", adapters["tiny-s"]["lora"]), 400)["param"] \
+        == "name"
+    assert error_of(register(server, "ghost", "tiny-s", "lora", tmp_path / "missing"), 400)["param"] == "source"
+    assert error_of(register(server, "x", "tiny-q", "lora", adapters["tiny-s"]["lora"]), 404)["param"] == "base"
+
+    assert error_of(httpx.post(f"{url}/v1/completions", json={"model": "tiny-s", "prompt": "Hi"}), 401)
+    assert error_of(httpx.post(f"{url}/v1/completions", headers={"Authorization": "Bearer wrong"},
+                               json={"model": "tiny-s", "prompt": "Hi"}), 401)
+    assert error_of(httpx.post(f"{url}/v1/adapters", headers=user, json={
+        "name": "n", "base": "tiny-s", "kind": "lora", "source": str(adapters["tiny-s"]["lora"])}), 401)
+    assert error_of(httpx.delete(f"{url}/v1/adapters/tiny-s:never", headers=server.admin()), 404)
+
+    # Still healthy and serving.
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    assert complete(model="tiny-s", max_tokens=2).status_code == 200
+
+
+def test_platform_metrics_reach_rays_prometheus_endpoint(server, client):
+    import time
+
+    for _ in range(3):
+        client.completions.create(model="tiny-l", prompt="Hello", max_tokens=5, temperature=0)
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+        if "llmp_requests" in text and 'model="tiny-l"' in text and "llmp_time_to_first_token" in text:
+            break
+        time.sleep(3)
+    lines = [line for line in text.splitlines() if line.startswith("ray_llmp_requests") and 'model="tiny-l"' in line
+             and 'status="ok"' in line]
+    assert lines and float(lines[0].rsplit(" ", 1)[1]) >= 3
+    assert any(line.startswith("ray_llmp_generated_tokens") and 'model="tiny-l"' in line for line in text.splitlines())
+
+
+def test_restart_keeps_registered_adapters(server, client, adapters, engines, loop):
+    assert register(server, "durable", "tiny-s", "soft_prompt", adapters["tiny-s"]["soft_prompt"]).status_code == 201
+    assert server.stop() == 0
+    server.start()
+    models = {m.id for m in client.models.list().data}
+    assert "tiny-s:durable" in models
+    expected = reference(engines, loop, "tiny-s", adapter=AdapterRef("d", "soft_prompt",
+                                                                    str(adapters["tiny-s"]["soft_prompt"])))
+    got = client.completions.create(model="tiny-s:durable", prompt=PROMPT, max_tokens=24, temperature=0)
+    assert got.choices[0].text == expected.text
