@@ -4,6 +4,7 @@
     llmp data write --out DIR             write the synthetic datasets as files
     llmp generate --model PATH --prompt TEXT [--engine vllm|transformers] [--adapter KIND:PATH] ...
     llmp serve --config FILE [--host H] [--port P]   OpenAI-compatible serving until Ctrl-C / SIGTERM
+    llmp bench serve [--json F] [--plot F]   serving throughput against its baselines
     llmp demo [key=value ...]             the end-to-end run on the embedded default
 """
 
@@ -52,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--metrics-port", type=int, help="Prometheus port of a local Ray cluster started here")
     srv.add_argument("overrides", nargs="*", help="key=value settings, e.g. adapter_store=s3://bucket/adapters")
     srv.set_defaults(run=_serve)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
+    bserve = bench.add_parser("serve", help="platform vs in-process vLLM vs naive transformers, and mixed LoRAs")
+    bserve.add_argument("--models-dir", default="artifacts/models")
+    bserve.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    bserve.add_argument("--json", help="write the figures here")
+    bserve.add_argument("--plot", help="write a PNG of throughput and latency against clients here")
+    bserve.set_defaults(run=_bench_serve)
 
     demo = commands.add_parser("demo", help="the end-to-end run on the embedded default")
     demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_tokens=32")
@@ -110,6 +119,21 @@ def _serve(args) -> None:
     overrides += [f"host={args.host}"] if args.host else []
     overrides += [f"port={args.port}"] if args.port else []
     serve_forever(load_config(ServeConfig, args.config, overrides), metrics_port=args.metrics_port)
+
+
+def _bench_serve(args) -> None:
+    from llm_platform.bench import serve as bench
+    from llm_platform.report import format_table, write_json
+
+    summary = bench.run(args.models_dir, sorted(args.clients))
+    print("\n" + format_table(summary["rows"]))
+    print(f"\nat {summary['clients']} clients: platform_vs_engine={summary['platform_vs_engine']:.2f} "
+          f"(goal >= 0.9)  mixed_adapters_vs_base={summary['mixed_adapters_vs_base']:.2f} (goal >= 0.8)  "
+          f"platform_vs_naive={summary['platform_vs_naive']:.2f} (goal >= 3)")
+    if args.json:
+        write_json(args.json, summary)
+    if args.plot:
+        bench.plot(summary, args.plot)
 
 
 def _demo(args) -> None:

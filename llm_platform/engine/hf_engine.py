@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from peft import PeftModel
@@ -38,6 +39,9 @@ class TransformersEngine(Engine):
         # One request decodes at a time: the model and its active adapter are shared state.
         # An asyncio lock, not a threading one: waiters must not hold the threads decoding needs.
         self._lock = asyncio.Lock()
+        # All torch work runs on one thread: each new calling thread would get an OpenMP team of
+        # its own, and idle teams spin for a while, competing with the active one for the cores.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
         self._seeds = torch.Generator().manual_seed(config.seed)
 
     @property
@@ -46,14 +50,18 @@ class TransformersEngine(Engine):
 
     async def load_adapter(self, adapter: AdapterRef) -> None:
         async with self._lock:
-            await asyncio.to_thread(self._load_adapter, adapter)
+            await self._run(self._load_adapter, adapter)
 
     async def unload_adapter(self, adapter: AdapterRef) -> None:
         async with self._lock:
-            await asyncio.to_thread(self._unload, adapter.key)
+            await self._run(self._unload, adapter.key)
 
     def shutdown(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
         self.model = None
+
+    def _run(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
                      request_id: str | None = None) -> AsyncIterator[Chunk]:
@@ -62,7 +70,7 @@ class TransformersEngine(Engine):
             async with self._lock:
                 steps = self._decode(prompt_ids, params, adapter, index, seed)
                 try:
-                    while (chunk := await asyncio.to_thread(next, steps, _DONE)) is not _DONE:
+                    while (chunk := await self._run(next, steps, _DONE)) is not _DONE:
                         yield chunk
                 finally:
                     steps.close()

@@ -35,6 +35,13 @@ class ModelSpec(FrozenConfig):
     max_ongoing_requests: int = Field(64, ge=1)
     """Requests one replica accepts at once before Serve queues or rejects (503)."""
 
+    @model_validator(mode="after")
+    def _gpus_fit_tensor_parallelism(self) -> ModelSpec:
+        tp = self.engine.tensor_parallel_size
+        if tp > 1 and self.num_gpus < tp:
+            raise ValueError(f"model {self.id}: tensor_parallel_size {tp} needs num_gpus >= {tp} (got {self.num_gpus})")
+        return self
+
 
 class ServeConfig(FrozenConfig):
     models: list[ModelSpec] = Field(min_length=1)

@@ -1,0 +1,62 @@
+"""`llmp serve` as a child process on free local ports: for benchmarks, the demo and tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, config: dict, workdir: Path, env: dict | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "serve.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log = self.workdir / "server.log"
+        self.env = env or {}
+        self.port, self.metrics_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 400) -> None:
+        llmp = str(Path(sys.executable).with_name("llmp"))
+        self.process = subprocess.Popen(
+            [llmp, "serve", "--config", str(self.config_path), "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port)],
+            stdout=self.log.open("a"), stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {timeout}s; see {self.log}")
+
+    def stop(self) -> int:
+        """SIGTERM, as a process manager would; the server shuts down Serve and Ray and exits 0."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise
