@@ -38,7 +38,8 @@ def build(config: ServeConfig) -> Application:
     """The application graph: Ingress → {model id: ModelServer deployment}."""
     models = {spec.id: model_deployment(spec, config) for spec in config.models}
     secrets = {k: os.environ[k] for k in SECRETS if os.environ.get(k)}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": secrets}})
+    ingress = Ingress.options(max_ongoing_requests=config.ingress_max_ongoing_requests,
+                              ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": secrets}})
     return ingress.bind(models, [s.model_dump() for s in config.models], config.adapter_store,
                         config.adapter_sync_s)
 

@@ -54,6 +54,9 @@ class ServeConfig(FrozenConfig):
     port: int = Field(8000, ge=1, le=65535)
     adapter_sync_s: float = Field(1.0, gt=0)
     """How often replicas check the store for replaced or deleted adapters."""
+    ingress_max_ongoing_requests: int = Field(1024, ge=1)
+    """Requests the ingress relays at once. It only routes, so it must not be the bottleneck
+    (Serve's default of 5 would cap the whole endpoint at 5 concurrent requests)."""
     max_queued_requests: int = Field(256, ge=-1)
     """Requests waiting for a replica before new ones get 503 (-1: unbounded)."""
 
