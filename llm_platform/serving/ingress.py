@@ -107,7 +107,7 @@ class Ingress:
             sampling = body.sampling_params()
         except SamplingError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
-        include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
         job = GenerateRequest(kind=kind, model=body.model, sampling=sampling, adapter=adapter,
                               include_usage=include_usage, **prompt)
         handle = self.models[base].options(multiplexed_model_id=adapter.key if adapter else "")

@@ -79,6 +79,9 @@ def test_logprobs_and_sampling_parameters_pass_through(client):
     stop = greedy[10:12]
     cut = client.completions.create(model="tiny-s", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop])
     assert cut.choices[0].text == greedy[:greedy.index(stop)] and cut.choices[0].finish_reason == "stop"
+    pieces = list(client.completions.create(model="tiny-s", prompt=PROMPT, max_tokens=7, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert pieces[-1].usage.completion_tokens == sum(len(p.choices) for p in pieces[:-1]) <= 7
 
 
 def test_hot_swap_under_load_and_delete(server, client, tiny_models, engines, loop, tmp_path: Path):
