@@ -46,6 +46,11 @@ class StoredAdapter:
     def model_id(self) -> str:
         return f"{self.base}:{self.name}"
 
+    @property
+    def key(self) -> str:
+        """The key of this version, as :attr:`AdapterRef.key` of :meth:`AdapterStore.ref` gives it."""
+        return f"{self.model_id}@{self.version}"
+
 
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it, for a local path or a URI."""
@@ -122,6 +127,7 @@ class AdapterStore:
         return str(target)
 
     def ref(self, entry: StoredAdapter) -> AdapterRef:
+        """The engine's view of ``entry``, with files on this node (downloaded once if remote)."""
         return AdapterRef(name=entry.model_id, kind=entry.kind, path=self.local_dir(entry), version=entry.version)
 
     def _write_manifest(self, manifest: dict[str, StoredAdapter]) -> None:

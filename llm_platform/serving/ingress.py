@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from pyarrow.fs import FileType
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -30,6 +31,7 @@ from llm_platform.serving.errors import APIError
 from llm_platform.serving.model_server import GenerateRequest
 from llm_platform.serving.protocol import AdapterRegistration, ChatRequest, CompletionRequest
 
+HEALTH_TIMEOUT_S = 10.0
 app = FastAPI(title="llm-platform", description="OpenAI-compatible serving with hot-swapped adapters")
 
 
@@ -99,6 +101,14 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self):
+        """200 once every model deployment answers; 503 while engines start or replicas are saturated."""
+        async def ping(handle):
+            return await handle.ready.remote()
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(ping(h) for h in self.models.values())), HEALTH_TIMEOUT_S)
+        except Exception:
+            raise APIError(503, "models are starting or overloaded; retry later", code="unavailable") from None
         return {"status": "ok", "models": sorted(self.specs)}
 
     async def _serve(self, kind: str, body, **prompt):
@@ -151,7 +161,7 @@ class Ingress:
         if entry is None:
             raise APIError(404, f"adapter {name!r} is not registered for {base!r}", param="model",
                            code="model_not_found")
-        return base, self.store.ref(entry)
+        return base, entry
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -196,8 +206,6 @@ class Ingress:
 
     def _fetch_source(self, source: str) -> Path:
         fs, path = open_filesystem(source)
-        from pyarrow.fs import FileType
-
         if fs.get_file_info(path).type != FileType.Directory:
             raise APIError(400, f"adapter source {source} does not exist or is not a folder", param="source",
                            code="source_not_found")

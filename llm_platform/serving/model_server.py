@@ -19,7 +19,7 @@ from ray import serve
 from llm_platform.engine import AdapterRef, Choice, SamplingParams, build_engine
 from llm_platform.errors import SamplingError
 from llm_platform.serving import openai_format
-from llm_platform.serving.adapter_store import AdapterStore
+from llm_platform.serving.adapter_store import AdapterStore, StoredAdapter
 from llm_platform.serving.config import ModelSpec
 from llm_platform.serving.metrics import ServingMetrics
 
@@ -35,7 +35,8 @@ class GenerateRequest:
     sampling: SamplingParams
     prompt: str | list[int] | None = None
     messages: list[dict] | None = None
-    adapter: AdapterRef | None = None
+    adapter: StoredAdapter | None = None
+    """Resolved here, on the replica's node: a remote store's files are fetched where they are used."""
     include_usage: bool = False
 
 
@@ -73,6 +74,10 @@ class ModelServer:
 
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=self.spec.max_adapters)(load)
 
+    async def ready(self) -> bool:
+        """Answered once the engine is up (the constructor has returned): the ingress's health probe."""
+        return True
+
     async def generate(self, request: GenerateRequest) -> dict:
         meta = openai_format.ResponseMeta(request.kind, request.model, request.sampling.logprobs or 0)
         choices = [Choice(index=i) for i in range(request.sampling.n)]
@@ -93,7 +98,8 @@ class ModelServer:
     async def _chunks(self, request: GenerateRequest):
         """Engine chunks for ``request``, with its adapter held and metrics recorded."""
         self._start_sync()
-        adapter, kind, status = request.adapter, (request.adapter.kind if request.adapter else "base"), "error"
+        adapter = await asyncio.to_thread(self.store.ref, request.adapter) if request.adapter else None
+        kind, status = (adapter.kind if adapter else "base"), "error"
         start, first, produced = time.perf_counter(), True, 0
         if adapter is not None:
             await self._hold(adapter)

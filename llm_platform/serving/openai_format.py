@@ -25,12 +25,11 @@ class ResponseMeta:
 
 def whole(meta: ResponseMeta, choices: list[Choice], prompt_tokens: int, tokenizer) -> dict:
     completion_tokens = sum(len(c.token_ids) for c in choices)
-    body = {"id": meta.id, "object": "chat.completion" if meta.kind == "chat" else "text_completion",
+    return {"id": meta.id, "object": "chat.completion" if meta.kind == "chat" else "text_completion",
             "created": meta.created, "model": meta.model,
             "choices": [_choice(meta, c.index, c.text, c.token_ids, c.logprobs, c.top_logprobs, c.finish_reason,
                                 tokenizer, streamed=False) for c in choices],
             "usage": usage(prompt_tokens, completion_tokens)}
-    return body
 
 
 def piece(meta: ResponseMeta, chunk: Chunk, tokenizer, first: bool) -> dict:
@@ -56,8 +55,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def _choice(meta, index, text, token_ids, logprobs, top_logprobs, finish_reason, tokenizer, streamed) -> dict:
     choice = {"index": index, "finish_reason": finish_reason}
     if meta.kind == "chat":
-        choice["delta" if streamed else "message"] = {"content": text} if streamed else \
-            {"role": "assistant", "content": text}
+        if streamed:
+            choice["delta"] = {"content": text}
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
         choice["logprobs"] = _chat_logprobs(token_ids, logprobs, _best(top_logprobs, meta.top_logprobs), tokenizer)
     else:
         choice["text"] = text
