@@ -5,6 +5,11 @@
     llmp generate --model PATH --prompt TEXT [--engine vllm|transformers] [--adapter KIND:PATH] ...
     llmp serve --config FILE [--host H] [--port P]   OpenAI-compatible serving until Ctrl-C / SIGTERM
     llmp bench serve [--json F] [--plot F]   serving throughput against its baselines
+    llmp bench train [--json F] [--plot F]   SFT steps: plain process vs Ray Train with 1 and 2 workers
+    llmp eval latency|prompting|generation [--config FILE] [key=value ...] [--json F] [--plot F]
+                                          the course's experiments: latency by size, prompting styles,
+                                          ROUGE/BLEU and forgetting after fine-tuning
+    llmp plan --params 7e9 [--method M] [--dtype D] [--json F] [--plot F]   memory to serve or train, by component
     llmp demo [key=value ...]             the end-to-end run on the embedded default
 """
 
@@ -61,6 +66,41 @@ def main(argv: list[str] | None = None) -> int:
     bserve.add_argument("--json", help="write the figures here")
     bserve.add_argument("--plot", help="write a PNG of throughput and latency against clients here")
     bserve.set_defaults(run=_bench_serve)
+
+    evaluate = commands.add_parser("eval", help="the course's experiments").add_subparsers(dest="action",
+                                                                                           required=True)
+    for action, text in (("latency", "the three course prompts on every base size: seconds and tokens/s"),
+                         ("prompting", "zero-shot, few-shot and instruction prompts on NLI: accuracy and time"),
+                         ("generation", "ROUGE/BLEU of a base and its fine-tunes, and forgetting")):
+        ev = evaluate.add_parser(action, help=text)
+        ev.add_argument("--config", help=f"YAML config (default: the tiny local models, {action}_local.yaml)")
+        ev.add_argument("--json", help="write the figures here")
+        ev.add_argument("--plot", help="write a PNG here")
+        ev.add_argument("overrides", nargs="*", help="key=value settings, e.g. engine.kind=transformers")
+        ev.set_defaults(run=_eval)
+
+    plan = commands.add_parser("plan", help="memory to serve or train a model of a given size, by component")
+    plan.add_argument("--params", type=float, help="parameter count, e.g. 7e9")
+    plan.add_argument("--model", help="checkpoint folder or hub id: parameter count and shape read from it")
+    plan.add_argument("--method", choices=["inference", "full", "lora", "qlora", "all"], default="all")
+    plan.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8", "4bit", "all"], default="all",
+                      help="base weights (qlora always uses 4bit)")
+    plan.add_argument("--context", type=int, default=2048, help="tokens per sequence in the KV cache")
+    plan.add_argument("--batch", type=int, default=1, help="sequences served at once")
+    for dim in ("layers", "hidden", "heads", "kv-heads", "head-dim", "intermediate"):
+        plan.add_argument(f"--{dim}", type=int, help="model shape (default: from --model, or estimated)")
+    plan.add_argument("--lora-rank", type=int, default=8)
+    plan.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated linear layers, or all-linear")
+    plan.add_argument("--json", help="write the figures here")
+    plan.add_argument("--plot", help="write a PNG of memory by component here")
+    plan.set_defaults(run=_plan)
+
+    btrain = bench.add_parser("train", help="SFT steps: plain process vs 1 and 2 Ray Train workers")
+    btrain.add_argument("--model", default="artifacts/models/tiny-m")
+    btrain.add_argument("--steps", type=int, default=60)
+    btrain.add_argument("--json", help="write the figures here")
+    btrain.add_argument("--plot", help="write a PNG of step and wall time per run here")
+    btrain.set_defaults(run=_bench_train)
 
     demo = commands.add_parser("demo", help="the end-to-end run on the embedded default")
     demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_tokens=32")
@@ -130,6 +170,34 @@ def _bench_serve(args) -> None:
     print(f"\nat {summary['clients']} clients: platform_vs_engine={summary['platform_vs_engine']:.2f} "
           f"(goal >= 0.9)  mixed_adapters_vs_base={summary['mixed_adapters_vs_base']:.2f} (goal >= 0.8)  "
           f"platform_vs_naive={summary['platform_vs_naive']:.2f} (goal >= 3)")
+    if args.json:
+        write_json(args.json, summary)
+    if args.plot:
+        bench.plot(summary, args.plot)
+
+
+def _eval(args) -> None:
+    from llm_platform.evaluation import run_command
+
+    run_command(args.action, args.config, args.overrides, args.json, args.plot)
+
+
+def _plan(args) -> None:
+    from llm_platform.evaluation import plan, publish
+
+    publish(plan, plan.plan(plan.spec_from_args(args)), args.json, args.plot)
+
+
+def _bench_train(args) -> None:
+    from llm_platform.bench import train as bench
+    from llm_platform.models.tiny import ensure_tiny_model
+    from llm_platform.report import format_table, write_json
+
+    ensure_tiny_model(args.model)
+    summary = bench.run(args.model, args.steps)
+    print("\n" + format_table(summary["rows"]))
+    print(f"\nray_overhead={summary['ray_overhead']:.3f} (goal <= 1.15; wall incl. start-up "
+          f"{summary['ray_overhead_wall']:.2f})  two_vs_one_workers={summary['two_vs_one_workers']:.2f}")
     if args.json:
         write_json(args.json, summary)
     if args.plot:

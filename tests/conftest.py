@@ -78,6 +78,16 @@ def loop():
 
 
 @pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster in the test process, for jobs run in-process (training, tuning)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def engines(tiny_models, loop):
     """``engines(size, kind)``: one engine per (tiny model, engine kind), started on first use."""
     from llm_platform.engine import EngineConfig, build_engine

@@ -55,7 +55,7 @@ def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu", quant
     """A causal LM in eval mode; ``quantization`` is a transformers quantization config (e.g. 4-bit)."""
     kwargs = {"dtype": DTYPES[dtype]}
     if quantization is not None:
-        kwargs["quantization_config"] = quantization
+        kwargs.update(quantization_config=quantization, device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
     if quantization is None:
         model = model.to(device)

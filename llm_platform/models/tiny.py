@@ -165,3 +165,10 @@ def _remove_tree(path: Path) -> None:
     for child in sorted(path.rglob("*"), reverse=True):
         child.unlink() if child.is_file() else child.rmdir()
     path.rmdir()
+
+
+def ensure_tiny_model(path: str | Path) -> None:
+    """Build the tiny models next to ``path`` if it names a missing one (``.../tiny-m``): the embedded default."""
+    path = Path(path).expanduser()
+    if path.name in TINY_NAMES and not (path / "config.json").exists():
+        build_tiny_models(path.parent)

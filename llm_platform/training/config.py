@@ -1,0 +1,161 @@
+"""What a fine-tuning run is: one frozen config per concern, validated before any work starts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llm_platform.config import FrozenConfig
+
+Method = Literal["full", "lora", "qlora", "prompt_tuning"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class LoraSettings(FrozenConfig):
+    """Low-rank adapters; the defaults are the course's QLoRA settings."""
+
+    r: int = Field(64, ge=1, le=1024)
+    """Rank of the update matrices."""
+    alpha: int = Field(16, ge=1)
+    """Scale numerator: the update is multiplied by alpha / r."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Linear layers that get an adapter."""
+
+
+class QuantSettings(FrozenConfig):
+    """bitsandbytes 4-bit quantization of the frozen base (QLoRA)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 matches normally distributed weights."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
+    compute_dtype: DType = "float32"
+    """Dtype the 4-bit weights are dequantized to for matmuls (bfloat16 on GPUs)."""
+
+
+class PromptTuningSettings(FrozenConfig):
+    """Soft prompts: trainable virtual-token embeddings prepended to every input."""
+
+    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    """Number of virtual tokens."""
+    init_text: str | None = None
+    """Initialise the virtual tokens from this text's embeddings (random when unset)."""
+
+
+class DataSettings(FrozenConfig):
+    """Where records come from and how they become prompt/completion pairs."""
+
+    source: str = "synthetic:sentiment"
+    """``synthetic:NAME``, a JSONL/Parquet file or folder of split files, or a hub dataset name."""
+    task: Literal["sentiment", "dialogsum"] = "sentiment"
+    """Which instruction templates turn a record into a pair (and whether it has labels)."""
+    subset: str | None = None
+    """Hub dataset configuration name, if any."""
+    train_limit: int | None = Field(None, ge=1)
+    """Use at most this many training records."""
+    eval_limit: int | None = Field(200, ge=1)
+    """Held-out records for validation loss and accuracy."""
+    max_length: int = Field(256, ge=8)
+    """Pairs are truncated to this many tokens."""
+
+
+class OptimSettings(FrozenConfig):
+    """The optimizer and the step schedule."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Share of steps with a linearly rising learning rate; then it decays linearly to 0."""
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(16, ge=1)
+    """Global batch: split evenly across workers, so 1 and N workers take the same steps."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    """Steps between progress lines / metrics rows."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between validation passes (0: only at the end)."""
+    save_every: int = Field(0, ge=0)
+    """Steps between checkpoints (0: only at the end)."""
+
+
+class ScalingSettings(FrozenConfig):
+    """How many Ray Train workers, on what, sharded how."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
+    cpus_per_worker: float = Field(1, gt=0)
+    sharding: Literal["auto", "fsdp", "ddp"] = "auto"
+    """auto: FSDP for full and LoRA fine-tuning with more than one worker, DDP otherwise."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts (from the last checkpoint) before the run fails."""
+
+
+class SFTConfig(FrozenConfig):
+    """A supervised fine-tuning run (``python -m train_jobs.sft --config FILE``)."""
+
+    model: str
+    """Base checkpoint: a local folder or a hub id."""
+    method: Method = "lora"
+    dtype: DType = "float32"
+    """Dtype of the trainable weights (float32 on CPU; bfloat16 on GPUs)."""
+    output_dir: str = "artifacts/sft"
+    """Where metrics.jsonl, summary.json and adapter/ or model/ go: a folder or an s3://, gs:// URI."""
+    storage_path: str | None = None
+    """Ray Train checkpoints and run state (folder or URI); defaults to OUTPUT_DIR/ray."""
+    run_name: str = "sft"
+    """Name of the run under storage_path; a rerun with the same name resumes from its last checkpoint."""
+    lora: LoraSettings = LoraSettings()
+    quant: QuantSettings = QuantSettings()
+    prompt_tuning: PromptTuningSettings = PromptTuningSettings()
+    data: DataSettings = DataSettings()
+    optim: OptimSettings = OptimSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    register_url: str | None = None
+    """A running server (http://host:port) to register the trained adapter with."""
+    register_name: str | None = None
+    """Adapter name for registration (default: run_name)."""
+    register_base: str | None = None
+    """The server's id of the base model (required with register_url)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTConfig":
+        if self.optim.batch_size % self.scaling.num_workers:
+            raise ValueError(f"optim.batch_size ({self.optim.batch_size}) must be a multiple of "
+                             f"scaling.num_workers ({self.scaling.num_workers})")
+        if self.register_url and self.method == "full":
+            raise ValueError("register_url: only adapters (lora, qlora, prompt_tuning) can be registered")
+        if self.register_url and not self.register_base:
+            raise ValueError("register_base: required with register_url (the server's id of the base model)")
+        if self.method == "qlora" and self.scaling.sharding == "fsdp":
+            raise ValueError("scaling.sharding: QLoRA's 4-bit base is replicated (ddp), not FSDP-sharded")
+        return self
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method != "full"
+
+    @property
+    def sharding(self) -> str:
+        """``none`` (one worker), ``fsdp`` or ``ddp``."""
+        if self.scaling.num_workers == 1:
+            return "none"
+        if self.scaling.sharding != "auto":
+            return self.scaling.sharding
+        return "fsdp" if self.method in ("full", "lora") else "ddp"
+
+
+def training_settings(cfg: SFTConfig) -> dict:
+    """The settings a checkpoint depends on (not where outputs go, how many retries, or registration)."""
+    data = cfg.model_dump(include={"model", "method", "dtype", "lora", "quant", "prompt_tuning", "data", "optim"})
+    return {key: value for key, value in data.items()
+            if key in ("model", "method", "dtype", "data", "optim") or key == _method_settings(cfg.method)}
+
+
+def _method_settings(method: str) -> str | None:
+    return {"lora": "lora", "qlora": "quant", "prompt_tuning": "prompt_tuning"}.get(method)

@@ -1,0 +1,52 @@
+"""Records to training examples: instruction templates, then token ids with a completion mask.
+
+Each training record gets one of its task's phrasings at random (FLAN-style), so the
+model learns the task rather than one wording. Held-out records cycle through the
+phrasings deterministically, so every evaluation sees the same prompts. Only the
+completion's tokens (and the end-of-sequence token) carry loss.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from llm_platform.data.loader import COLUMNS, load_records
+from llm_platform.data.templates import SENTIMENT_TEMPLATES, SUMMARY_TEMPLATES, PromptPair, sentiment_pair, summary_pair
+from llm_platform.training.config import DataSettings
+
+
+@dataclass(frozen=True)
+class Task:
+    columns: tuple[str, ...]
+    to_pair: callable
+    phrasings: int
+    labels: tuple[str, ...] = ()
+    """Completions of a labelled task: held-out accuracy ranks these."""
+
+
+TASKS = {
+    "sentiment": Task(COLUMNS["sentiment"], sentiment_pair, len(SENTIMENT_TEMPLATES), (" positive", " negative")),
+    "dialogsum": Task(COLUMNS["dialogsum"], summary_pair, len(SUMMARY_TEMPLATES)),
+}
+EVAL_SPLIT = {"train": "train", "eval": "validation", "test": "test"}
+
+
+def load_pairs(data: DataSettings, split: str, seed: int = 0) -> list[PromptPair]:
+    """Prompt/completion pairs of ``split`` (train, validation or test)."""
+    task = TASKS[data.task]
+    limit = data.train_limit if split == "train" else data.eval_limit
+    records = load_records(data.source, split, subset=data.subset, limit=limit, columns=task.columns)
+    rng = random.Random(seed)
+    if split == "train":
+        return [task.to_pair(record, rng=rng) for record in records]
+    return [task.to_pair(record, template=i % task.phrasings) for i, record in enumerate(records)]
+
+
+def tokenize_pair(pair: PromptPair, tokenizer, max_length: int) -> dict[str, list[int]]:
+    """``input_ids`` of prompt + completion + EOS and a ``completion_mask`` of the tokens that carry loss."""
+    prompt = tokenizer(pair.prompt).input_ids
+    completion = tokenizer(pair.completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = (prompt + completion)[-max_length:]  # keep the completion when truncating: it is what is learnt
+    mask = ([0] * len(prompt) + [1] * len(completion))[-max_length:]
+    return {"input_ids": ids, "completion_mask": mask}

@@ -1,0 +1,43 @@
+"""Running a training loop on Ray Train: join or start a cluster, build the TorchTrainer, fit.
+
+The same call works on a laptop (a local Ray cluster is started), under
+``ray job submit`` (it joins the job's cluster through ``RAY_ADDRESS``) and on a
+GPU cluster (``scaling.use_gpu``: NCCL, one GPU per worker). Worker failures restart
+the group from the last reported checkpoint, up to ``scaling.max_failures`` times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from llm_platform.training.config import ScalingSettings
+
+
+def storage_for(storage_path: str | None, output_dir: Path) -> str:
+    """Ray Train's storage: the configured folder or URI, else ``OUTPUT_DIR/ray``; always absolute."""
+    if storage_path and "://" in storage_path:
+        return storage_path
+    return str(Path(storage_path).expanduser().resolve() if storage_path else output_dir / "ray")
+
+
+def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, run_name: str,
+        storage: str) -> ray.train.Result:
+    """Run ``train_fn(loop_config)`` on ``scaling.num_workers`` Ray Train workers and wait for it."""
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")  # joins RAY_ADDRESS under `ray job submit`, else starts a local cluster
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=scaling.max_failures)),
+    )
+    return trainer.fit()

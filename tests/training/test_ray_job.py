@@ -1,0 +1,107 @@
+"""``ray job submit`` against a real Ray head started for the test, with a worker killed mid-run:
+Ray Train restarts the group, the run resumes from its last checkpoint and still finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.training.conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head on free ports with its own temp dir and its own auth token (none left from other runs)."""
+    temp = tmp_path_factory.mktemp("ray")
+    gcs, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    # --block keeps `ray start` in the foreground: stopping it stops this head only (`ray stop` would
+    # stop every Ray process on the machine, other tests' clusters included).
+    head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={gcs}",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                             f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while subprocess.run([BIN / "ray", "job", "list", "--address", address], env=env,
+                         capture_output=True).returncode != 0:
+        assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+        time.sleep(1)
+    yield {"env": env, "address": address}
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(120)
+
+
+def job_status(head, job_id: str) -> str:
+    out = subprocess.run([BIN / "ray", "job", "status", "--address", head["address"], job_id], env=head["env"],
+                         capture_output=True, text=True, timeout=60)
+    text = (out.stdout + out.stderr).upper()  # the CLI logs the status to stderr
+    return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if s in text), "UNKNOWN")
+
+
+def job_logs(head, job_id: str) -> str:
+    return subprocess.run([BIN / "ray", "job", "logs", "--address", head["address"], job_id], env=head["env"],
+                          capture_output=True, text=True, timeout=60).stdout
+
+
+def train_worker_pids(head) -> list[int]:
+    code = ("from ray.util.state import list_actors; import json; print(json.dumps([a.pid for a in list_actors("
+            f"address='{head['address']}', filters=[('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])]))")
+    out = subprocess.run([sys.executable, "-c", code], env=head["env"], capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_submitted_job_survives_a_killed_worker(ray_head, tiny_models, tmp_path):
+    out = tmp_path / "out"
+    submit = [BIN / "ray", "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
+              "--no-wait", "--", "python", "-m", "train_jobs.sft", "--config", "train_jobs/configs/local_lora.yaml",
+              f"model={tiny_models['tiny-s']}", f"output_dir={out}", "optim.max_steps=60", "optim.save_every=10",
+              "optim.log_every=5", "data.eval_limit=40"]
+    result = subprocess.run(submit, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", result.stdout + result.stderr).group(0)
+
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # a checkpoint exists once step 10 is logged; kill before the end
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        if steps and steps[-1] >= 20:
+            break
+        assert job_status(ray_head, job_id) in ("PENDING", "RUNNING"), job_logs(ray_head, job_id)[-3000:]
+        time.sleep(0.5)
+    pids = train_worker_pids(ray_head)
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+
+    while job_status(ray_head, job_id) in ("PENDING", "RUNNING") and time.time() < deadline + 300:
+        time.sleep(2)
+    logs = job_logs(ray_head, job_id)
+    assert job_status(ray_head, job_id) == "SUCCEEDED", logs[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    resumed = [r for r in rows if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 10 and summary["resumed_from_step"] == resumed[0]["step"]
+    assert [r["step"] for r in rows if "loss" in r][-1] == 60
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "resumed from the checkpoint" in logs
