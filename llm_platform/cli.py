@@ -5,6 +5,7 @@
     llmp generate --model PATH --prompt TEXT [--engine vllm|transformers] [--adapter KIND:PATH] ...
     llmp serve --config FILE [--host H] [--port P]   OpenAI-compatible serving until Ctrl-C / SIGTERM
     llmp bench serve [--json F] [--plot F]   serving throughput against its baselines
+    llmp bench rollout [--json F] [--plot F] RLHF rollouts: vLLM actors vs in-process vLLM vs transformers
     llmp bench train [--json F] [--plot F]   SFT steps: plain process vs Ray Train with 1 and 2 workers
     llmp eval latency|prompting|generation [--config FILE] [key=value ...] [--json F] [--plot F]
                                           the course's experiments: latency by size, prompting styles,
@@ -102,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     btrain.add_argument("--plot", help="write a PNG of step and wall time per run here")
     btrain.set_defaults(run=_bench_train)
 
+    broll = bench.add_parser("rollout", help="RLHF rollouts: vLLM actors vs vLLM in-process vs transformers")
+    broll.add_argument("--model", default="artifacts/models/tiny-l")
+    broll.add_argument("--prompts", type=int, default=64)
+    broll.add_argument("--json", help="write the figures here")
+    broll.add_argument("--plot", help="write a PNG of tokens/s per system here")
+    broll.set_defaults(run=_bench_rollout)
+
     demo = commands.add_parser("demo", help="the end-to-end run on the embedded default")
     demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_tokens=32")
     demo.set_defaults(run=_demo)
@@ -198,6 +206,23 @@ def _bench_train(args) -> None:
     print("\n" + format_table(summary["rows"]))
     print(f"\nray_overhead={summary['ray_overhead']:.3f} (goal <= 1.15; wall incl. start-up "
           f"{summary['ray_overhead_wall']:.2f})  two_vs_one_workers={summary['two_vs_one_workers']:.2f}")
+    if args.json:
+        write_json(args.json, summary)
+    if args.plot:
+        bench.plot(summary, args.plot)
+
+
+def _bench_rollout(args) -> None:
+    from llm_platform.bench import rollout as bench
+    from llm_platform.models.tiny import ensure_tiny_model
+    from llm_platform.report import format_table, write_json
+
+    ensure_tiny_model(args.model)
+    summary = bench.run(args.model, args.prompts)
+    print("\n" + format_table(summary["rows"]))
+    print(f"\nvllm_vs_transformers={summary['vllm_vs_transformers']:.2f} (goal >= 2)  "
+          f"actors_vs_engine={summary['actors_vs_engine']:.2f} (goal >= 0.9)  "
+          f"adapter_sync_s={summary['adapter_sync_s']:.3f} (goal < 0.5)")
     if args.json:
         write_json(args.json, summary)
     if args.plot:

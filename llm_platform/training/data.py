@@ -23,29 +23,43 @@ class Task:
     phrasings: int
     labels: tuple[str, ...] = ()
     """Completions of a labelled task: held-out accuracy ranks these."""
+    chat: bool = False
+    """Prompts are user turns, rendered with the model's chat template (the reply is the completion)."""
+
+
+def chat_pair(record: dict, template: int | None = None, rng: random.Random | None = None) -> PromptPair:
+    """A preference pair's prompt and its preferred reply: instruction tuning before RLHF."""
+    return PromptPair(record["prompt"], record["chosen"])
 
 
 TASKS = {
     "sentiment": Task(COLUMNS["sentiment"], sentiment_pair, len(SENTIMENT_TEMPLATES), (" positive", " negative")),
     "dialogsum": Task(COLUMNS["dialogsum"], summary_pair, len(SUMMARY_TEMPLATES)),
+    "chat": Task(("prompt", "chosen"), chat_pair, 1, chat=True),
 }
 EVAL_SPLIT = {"train": "train", "eval": "validation", "test": "test"}
 
 
-def load_pairs(data: DataSettings, split: str, seed: int = 0) -> list[PromptPair]:
-    """Prompt/completion pairs of ``split`` (train, validation or test)."""
+def load_pairs(data: DataSettings, split: str, seed: int = 0, tokenizer=None) -> list[PromptPair]:
+    """Prompt/completion pairs of ``split`` (train, validation or test); chat tasks need the ``tokenizer``."""
     task = TASKS[data.task]
     limit = data.train_limit if split == "train" else data.eval_limit
     records = load_records(data.source, split, subset=data.subset, limit=limit, columns=task.columns)
     rng = random.Random(seed)
     if split == "train":
-        return [task.to_pair(record, rng=rng) for record in records]
-    return [task.to_pair(record, template=i % task.phrasings) for i, record in enumerate(records)]
+        pairs = [task.to_pair(record, rng=rng) for record in records]
+    else:
+        pairs = [task.to_pair(record, template=i % task.phrasings) for i, record in enumerate(records)]
+    if task.chat and tokenizer is not None:
+        pairs = [PromptPair(tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
+                                                          add_generation_prompt=True), p.completion) for p in pairs]
+    return pairs
 
 
 def tokenize_pair(pair: PromptPair, tokenizer, max_length: int) -> dict[str, list[int]]:
     """``input_ids`` of prompt + completion + EOS and a ``completion_mask`` of the tokens that carry loss."""
-    prompt = tokenizer(pair.prompt).input_ids
+    # A chat-template prompt already starts with the BOS token; do not add a second one.
+    prompt = tokenizer(pair.prompt, add_special_tokens=not pair.prompt.startswith(tokenizer.bos_token or "\0")).input_ids
     completion = tokenizer(pair.completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     ids = (prompt + completion)[-max_length:]  # keep the completion when truncating: it is what is learnt
     mask = ([0] * len(prompt) + [1] * len(completion))[-max_length:]

@@ -45,8 +45,9 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
     torch.manual_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg.model)
     task = TASKS[cfg.data.task]
-    train_pairs = load_pairs(cfg.data, "train", seed=cfg.optim.seed)
-    val_pairs, test_pairs = load_pairs(cfg.data, "validation"), load_pairs(cfg.data, "test")
+    train_pairs = load_pairs(cfg.data, "train", seed=cfg.optim.seed, tokenizer=tokenizer)
+    val_pairs = load_pairs(cfg.data, "validation", tokenizer=tokenizer)
+    test_pairs = load_pairs(cfg.data, "test", tokenizer=tokenizer)
 
     model = build_model(cfg, str(ctx.device))
     total_bytes = held_parameter_bytes(model)

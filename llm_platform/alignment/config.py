@@ -1,0 +1,88 @@
+"""What an RLHF (PPO) run is: rollout engines, sampling, PPO settings, the policy's LoRA."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llm_platform.config import FrozenConfig
+from llm_platform.training.config import LoraSettings, ScalingSettings
+
+
+class RolloutSettings(FrozenConfig):
+    """The pool of rollout actors."""
+
+    engine: Literal["vllm", "transformers"] = "vllm"
+    """Inference engine in each rollout actor (the same engine interface as serving)."""
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, ge=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    max_model_len: int = Field(512, ge=16)
+    cpu_kv_cache_gib: float = Field(1.0, gt=0)
+
+
+class SamplingSettings(FrozenConfig):
+    """How responses are sampled during rollouts."""
+
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; PPO's ratio assumes the policy's own distribution, so 1.0 by default."""
+    top_k: int = Field(0, ge=0)
+    max_tokens: int = Field(24, ge=1)
+    """Longest response; responses also end at the end-of-sequence token, so lengths vary."""
+
+
+class PPOSettings(FrozenConfig):
+    iterations: int = Field(10, ge=1)
+    """Rollout → score → learn → sync rounds."""
+    prompts_per_iteration: int = Field(32, ge=1)
+    epochs: int = Field(2, ge=1)
+    """Passes over each iteration's rollouts."""
+    minibatch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    value_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.05, ge=0)
+    """Initial weight of the per-token KL penalty against the reference policy."""
+    kl_target: float = Field(2.0, gt=0)
+    """KL (nats per response) the adaptive coefficient steers towards."""
+    kl_horizon: int = Field(1000, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    logprob_tolerance: float = Field(1e-2, gt=0)
+    """Stop when the engine's and the trainer's log-probabilities of the sampled tokens differ more
+    than this on average: the rollout engine is not running the weights being trained."""
+    save_every: int = Field(2, ge=1)
+    """Iterations between checkpoints."""
+    seed: int = 0
+
+
+class RLHFConfig(FrozenConfig):
+    """PPO on a LoRA policy (``python -m train_jobs.rlhf --config FILE``)."""
+
+    policy_model: str
+    """The SFT model the policy's adapter is trained on; with the adapter off it is the reference."""
+    reward_model: str
+    """The reward job's ``model/`` folder."""
+    prompts: str = "synthetic:preferences"
+    """Dataset whose ``prompt`` column holds the user turns to respond to."""
+    prompt_limit: int | None = Field(None, ge=1)
+    output_dir: str = "artifacts/rlhf/ppo"
+    storage_path: str | None = None
+    run_name: str = "rlhf"
+    lora: LoraSettings = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
+    rollout: RolloutSettings = RolloutSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    ppo: PPOSettings = PPOSettings()
+    scaling: ScalingSettings = ScalingSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RLHFConfig":
+        if self.lora.dropout != 0:
+            raise ValueError("lora.dropout: must be 0 for PPO (the engine's and the trainer's log-probabilities "
+                             "must come from the same deterministic policy)")
+        if self.ppo.prompts_per_iteration % self.scaling.num_workers:
+            raise ValueError("ppo.prompts_per_iteration must be a multiple of scaling.num_workers")
+        return self

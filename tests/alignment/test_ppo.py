@@ -1,0 +1,88 @@
+"""PPO pieces against hand computations, and the stale-weights check against a real vLLM engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_platform.alignment import ppo
+
+
+def test_gae_matches_a_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is padding
+    gamma, lam = 0.9, 0.8
+    d2 = 1.0 - 0.4
+    d1 = 0.0 + gamma * 0.4 - 0.2
+    d0 = 0.0 + gamma * 0.2 - 0.5
+    a2, a1 = d2, d1 + gamma * lam * d2
+    a0 = d0 + gamma * lam * a1
+    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+    assert advantages[0].tolist() == pytest.approx([a0, a1, a2, 0.0])
+    assert returns[0, :3].tolist() == pytest.approx([a0 + 0.5, a1 + 0.2, a2 + 0.4])
+
+
+def test_shaped_rewards_put_the_score_on_the_last_response_token():
+    logprobs, ref = torch.tensor([[0.0, -1.0, -2.0, 0.0]]), torch.tensor([[0.0, -1.5, -1.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    rewards, kl = ppo.shaped_rewards(torch.tensor([3.0]), logprobs, ref, mask, kl_coef=0.1)
+    assert kl[0].tolist() == pytest.approx([0.0, 0.5, -1.0, 0.0])
+    assert rewards[0].tolist() == pytest.approx([0.0, -0.05, 0.1 + 3.0, 0.0])
+
+
+def test_clipped_policy_loss_ignores_ratios_beyond_the_clip():
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2)
+    adv = torch.ones(1, 2)
+    far = ppo.ppo_losses(torch.full((1, 2), 1.0), old, adv, torch.zeros(1, 2), torch.zeros(1, 2),
+                         torch.zeros(1, 2), mask, clip=0.2, value_clip=0.2)
+    assert float(far["policy_loss"]) == pytest.approx(-1.2)  # gains beyond 1 + clip are not rewarded
+    assert float(far["clip_fraction"]) == 1.0
+
+
+def test_adaptive_kl_coefficient_moves_towards_the_target():
+    control = ppo.AdaptiveKL(0.1, target=2.0, horizon=100)
+    control.update(kl=8.0, n_samples=10)
+    assert control.value == pytest.approx(0.1 * 1.02)
+    control.update(kl=0.0, n_samples=10)
+    assert control.value < 0.1 * 1.02
+
+
+@pytest.mark.slow
+def test_stale_weights_are_detected_against_real_vllm_logprobs(tiny_models, engines, loop, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from llm_platform.alignment.rollout import Sample, chat_prompt_ids
+    from llm_platform.alignment.config import RLHFConfig
+    from llm_platform.engine import SamplingParams
+    from llm_platform.models.loading import load_causal_lm, load_tokenizer
+    from llm_platform.training.distributed import WorkerContext
+    from train_jobs.rlhf import StaleWeightsError, _learn, verify_sync
+
+    base = str(tiny_models["tiny-s"])
+    tokenizer = load_tokenizer(base)
+    engine = engines("tiny-s", "vllm")
+    params = SamplingParams(temperature=1.0, max_tokens=12, logprobs=0, seed=3)
+    samples = []
+    for text in ["Any advice on tea?", "How can I get better at running?", "Can you help me with plants?"]:
+        result = loop.run(engine.generate(chat_prompt_ids(tokenizer, text), params))
+        choice = result.choices[0]
+        samples.append(Sample(result.prompt_token_ids, choice.token_ids, choice.logprobs, choice.text))
+    cfg = RLHFConfig(policy_model=base, reward_model=str(tmp_path))
+
+    def learn(init_lora_weights: bool) -> dict:
+        torch.manual_seed(0)
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=init_lora_weights)
+        model = ppo.PolicyWithValue(get_peft_model(load_causal_lm(base), lora))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        return _learn(cfg, model, model, optimizer, ppo.AdaptiveKL(0.05, 2.0, 100), samples,
+                      torch.tensor([1.0, -1.0, 0.5]), tokenizer.pad_token_id, WorkerContext())
+
+    same = learn(init_lora_weights=True)  # a fresh adapter is the identity: the weights vLLM sampled from
+    assert same["logprob_abs_diff"] < 1e-4
+    verify_sync({"iteration": 1, **same}, tolerance=1e-2)
+    other = learn(init_lora_weights=False)  # random adapter weights that vLLM never saw
+    assert other["logprob_abs_diff"] > 1e-2
+    with pytest.raises(StaleWeightsError, match="not sampling from the weights being trained"):
+        verify_sync({"iteration": 1, **other}, tolerance=1e-2)
