@@ -68,7 +68,8 @@ def test_demo_config_typo_is_named():
 def test_demo_prints_the_size_latency_table(tmp_path: Path, tiny_models):
     models = tmp_path / "models"
     shutil.copytree(tiny_models["tiny-s"].parent, models)
-    run = llmp("demo", f"models_dir={models}", f"out={tmp_path / 'demo'}", "engines=[transformers]", "max_tokens=8")
+    run = llmp("demo", f"models_dir={models}", f"out={tmp_path / 'demo'}", "engines=[transformers]", "max_tokens=8",
+               "rlhf=false")
     assert run.returncode == 0, run.stderr
     assert "ms_per_token" in run.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())

@@ -50,7 +50,7 @@ class DataSettings(FrozenConfig):
 
     source: str = "synthetic:sentiment"
     """``synthetic:NAME``, a JSONL/Parquet file or folder of split files, or a hub dataset name."""
-    task: Literal["sentiment", "dialogsum", "chat"] = "sentiment"
+    task: Literal["sentiment", "dialogsum", "chat", "chat_unfiltered"] = "sentiment"
     """Which instruction templates turn a record into a pair (and whether it has labels)."""
     subset: str | None = None
     """Hub dataset configuration name, if any."""

@@ -32,10 +32,19 @@ def chat_pair(record: dict, template: int | None = None, rng: random.Random | No
     return PromptPair(record["prompt"], record["chosen"])
 
 
+
+def unfiltered_chat_pair(record: dict, template: int | None = None, rng: random.Random | None = None) -> PromptPair:
+    """Either reply of a preference pair: demonstrations nobody filtered, polite or curt. SFT on these
+    gives a policy that RLHF can still improve, which is the course's point of the reward model."""
+    index = template if template is not None else (rng or random).randrange(2)
+    return PromptPair(record["prompt"], (record["chosen"], record["rejected"])[index % 2])
+
+
 TASKS = {
     "sentiment": Task(COLUMNS["sentiment"], sentiment_pair, len(SENTIMENT_TEMPLATES), (" positive", " negative")),
     "dialogsum": Task(COLUMNS["dialogsum"], summary_pair, len(SUMMARY_TEMPLATES)),
     "chat": Task(("prompt", "chosen"), chat_pair, 1, chat=True),
+    "chat_unfiltered": Task(("prompt", "chosen", "rejected"), unfiltered_chat_pair, 2, chat=True),
 }
 EVAL_SPLIT = {"train": "train", "eval": "validation", "test": "test"}
 

@@ -88,3 +88,19 @@ def register_adapter(url: str, name: str, base: str, kind: str, source: str, tim
         raise PlatformError(f"registering adapter {name!r} with {url} failed: HTTP {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise PlatformError(f"registering adapter {name!r}: cannot reach {url}: {exc}") from None
+
+
+def trainer_metrics_callback(log: MetricsLog | None):
+    """A transformers TrainerCallback writing the Trainer's logs to metrics.jsonl, with a progress line."""
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if log is None or not logs or "loss" not in logs:
+                return
+            row = {"step": state.global_step, **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}}
+            log.write(row)
+            extra = "".join(f" | {k} {row[k]:.3f}" for k in ("accuracy", "margin", "rewards/margins") if k in row)
+            print(f"step {state.global_step:>5}/{state.max_steps} | loss {row['loss']:.4f}{extra}", flush=True)
+
+    return MetricsCallback()
