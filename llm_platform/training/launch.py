@@ -26,8 +26,9 @@ def storage_for(storage_path: str | None, output_dir: Path) -> str:
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, run_name: str,
-        storage: str) -> ray.train.Result:
-    """Run ``train_fn(loop_config)`` on ``scaling.num_workers`` Ray Train workers and wait for it."""
+        storage: str, callbacks: list | None = None) -> ray.train.Result:
+    """Run ``train_fn(loop_config)`` on ``scaling.num_workers`` Ray Train workers and wait for it.
+    ``callbacks`` are Ray Train callbacks (inside a Tune trial: Tune's report callback)."""
     if not ray.is_initialized():
         ray.init(logging_level="WARNING")  # joins RAY_ADDRESS under `ray job submit`, else starts a local cluster
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
@@ -37,7 +38,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: ScalingSet
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name=run_name, storage_path=storage,
+        run_config=RunConfig(name=run_name, storage_path=storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=scaling.max_failures)),
     )
     return trainer.fit()
