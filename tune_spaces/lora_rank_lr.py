@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -141,7 +142,11 @@ def main(search: TuneSearchConfig) -> dict:
     scheduler = ASHAScheduler(time_attr="step", max_t=search.max_steps, grace_period=search.grace_period,
                               reduction_factor=search.reduction_factor)
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
-    if not ray.is_initialized():
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # Ray 2.60 leaks the placement group of a Ray Train run whose trial ASHA stopped; with logical
+        # CPUs = cores the next trial would wait forever. max_concurrent bounds the real parallelism.
+        ray.init(num_cpus=4 * (os.cpu_count() or 1), logging_level="WARNING")
+    elif not ray.is_initialized():
         ray.init(logging_level="WARNING")
     experiment = folder / "tune"
     if tune.Tuner.can_restore(str(experiment)):
