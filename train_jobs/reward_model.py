@@ -1,13 +1,18 @@
-"""Reward model on Ray Train: a one-output sequence classifier trained on preference pairs with the
-Bradley-Terry loss (TRL's RewardTrainer inside each worker), the RLHF step between SFT and PPO.
+"""Reward model on Ray Train: the RLHF step between SFT and PPO.
 
-Each pair is a user prompt with a chosen and a rejected reply, rendered with the chat template;
-the loss is ``-log sigmoid(r(chosen) - r(rejected))``. After training the mean reward over the
-training set is stored as ``reward_offset`` (see llm_platform/alignment/reward.py), so rewards
-average 0. Outputs in ``output_dir``: metrics.jsonl, summary.json (held-out ``eval_accuracy``:
-share of pairs ranked right), model/.
+A one-output sequence classifier (the base model with a fresh score head) learns from preference
+pairs with the Bradley-Terry loss ``-log sigmoid(r(chosen) - r(rejected))``: TRL's RewardTrainer in
+each Ray Train worker (DDP with several workers). Each pair is a user prompt and two replies,
+rendered with the chat template. Bradley-Terry fixes rewards only up to a constant, so the mean
+training-set reward is stored as ``reward_offset`` in model/config.json and subtracted by
+``llm_platform.alignment.reward.RewardScorer`` (what PPO's reward actor uses): rewards average 0.
 
-    python -m train_jobs.reward_model --config train_jobs/configs/local_reward.yaml
+Outputs in ``output_dir``: metrics.jsonl, summary.json (held-out ``eval_accuracy``: share of pairs
+with reward(chosen) > reward(rejected), before and after training), model/ (+ tokenizer).
+
+Locally (starts a Ray cluster on this machine):
+    python -m train_jobs.reward_model --config train_jobs/configs/local_reward.yaml [key=value ...]
+On a cluster:
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python -m train_jobs.reward_model --config train_jobs/configs/gpu_reward.yaml
 """
@@ -20,124 +25,145 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import model_validator
 
+from llm_platform.alignment.preference_training import check_scaling
+from llm_platform.alignment.preferences import PreferenceData
 from llm_platform.config import FrozenConfig, load_config
 from llm_platform.errors import PlatformError
-from llm_platform.training.config import DType, ScalingSettings
-
-
-class RewardOptim(FrozenConfig):
-    learning_rate: float = Field(1e-3, gt=0)
-    max_steps: int = Field(100, ge=1)
-    batch_size: int = Field(16, ge=1)
-    """Global batch of pairs, split evenly across workers."""
-    log_every: int = Field(10, ge=1)
-    save_every: int = Field(50, ge=1)
-    seed: int = 0
+from llm_platform.training.config import DType, OptimSettings, ScalingSettings
 
 
 class RewardJobConfig(FrozenConfig):
     """A reward-model run (``python -m train_jobs.reward_model --config FILE``)."""
 
     model: str
-    """Base checkpoint the classifier starts from (usually the SFT model)."""
+    """Checkpoint the classifier starts from (a local folder or a hub id): the SFT model, or a base."""
     dtype: DType = "float32"
-    data: str = "synthetic:preferences"
-    """Preference pairs with ``prompt``, ``chosen`` and ``rejected`` columns."""
-    train_limit: int | None = Field(None, ge=1)
-    eval_limit: int | None = Field(200, ge=1)
-    max_length: int = Field(256, ge=16)
+    """Dtype of the weights (float32 on CPU; bfloat16 on GPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for large models, more compute."""
+    data: PreferenceData = PreferenceData()
     output_dir: str = "artifacts/rlhf/reward"
+    """Where metrics.jsonl, summary.json and model/ go: a folder or an s3://, gs:// URI."""
     storage_path: str | None = None
+    """Ray Train checkpoints and run state (folder or URI); defaults to OUTPUT_DIR/ray."""
     run_name: str = "reward"
-    optim: RewardOptim = RewardOptim()
+    """Name of the run under storage_path; a rerun with the same name resumes from its last checkpoint."""
+    optim: OptimSettings = OptimSettings(learning_rate=1e-3, warmup_ratio=0.0, max_steps=60)
     scaling: ScalingSettings = ScalingSettings()
 
+    @model_validator(mode="after")
+    def _check(self) -> "RewardJobConfig":
+        check_scaling(self.optim, self.scaling)
+        return self
 
-def load_pairs(cfg, split: str):
-    from llm_platform.alignment.preferences import load_pairs as load
-
-    return load(cfg.data, split, cfg.train_limit if split == "train" else cfg.eval_limit)
+    def training_settings(self) -> dict:
+        """What a checkpoint depends on (not where outputs go or how many workers)."""
+        return self.model_dump(mode="json", include={"model", "dtype", "data", "optim"})
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """What each Ray Train worker runs: RewardTrainer; then rank 0 centres, saves and evaluates."""
     import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-    from transformers import AutoModelForSequenceClassification
+    import ray.train.torch
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from llm_platform.alignment.preferences import as_conversations
-    from llm_platform.alignment.reward import RewardScorer
+    from llm_platform.alignment.preference_training import (losses, metrics_callback, open_metrics_log,
+                                                            settings_callback, trainer_arguments, train_in_worker)
+    from llm_platform.alignment.preferences import as_conversations, load_pairs
+    from llm_platform.alignment.reward import OFFSET_KEY, RewardScorer, ranking
     from llm_platform.models.loading import DTYPES, load_tokenizer
-    from llm_platform.training.outputs import MetricsLog, trainer_metrics_callback, write_summary
+    from llm_platform.training.outputs import write_summary
 
     cfg = RewardJobConfig.model_validate(loop_config["config"])
     folder = Path(loop_config["folder"])
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world, device = context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+    set_seed(cfg.optim.seed)  # the fresh score head starts the same in every run
     tokenizer = load_tokenizer(cfg.model)
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, dtype=DTYPES[cfg.dtype])
-    model.config.pad_token_id = tokenizer.pad_token_id
-    train, test = load_pairs(cfg, "train"), load_pairs(cfg, "test")
-    before = RewardScorer.from_model(model, tokenizer).pair_accuracy(test) if rank == 0 else None
+    model.config.pad_token_id = tokenizer.pad_token_id  # the classifier finds each sequence's end by its padding
+    model.to(device)
+    train, held_out = load_pairs(cfg.data, "train"), load_pairs(cfg.data, cfg.data.eval_split)
+    before = RewardScorer.from_model(model, tokenizer).pair_accuracy(held_out) if rank == 0 else None
 
-    args = RewardConfig(
-        output_dir=tempfile.mkdtemp(prefix="llmp-reward-"), max_steps=cfg.optim.max_steps,
-        per_device_train_batch_size=cfg.optim.batch_size // world, learning_rate=cfg.optim.learning_rate,
-        logging_steps=cfg.optim.log_every, save_strategy="steps", save_steps=cfg.optim.save_every,
-        max_length=cfg.max_length, report_to=[], use_cpu=not cfg.scaling.use_gpu, seed=cfg.optim.seed,
-        bf16=cfg.dtype == "bfloat16", ddp_backend="nccl" if cfg.scaling.use_gpu else "gloo", disable_tqdm=True)
-    checkpoint = ray.train.get_checkpoint()
-    log = MetricsLog(folder, resume_step=0 if checkpoint else None) if rank == 0 else None
-    trainer = RewardTrainer(model=model, args=args, train_dataset=as_conversations(train), processing_class=tokenizer,
-                            callbacks=[RayTrainReportCallback(), trainer_metrics_callback(log)])
-    trainer = prepare_trainer(trainer)
-    resume = str(Path(checkpoint.path) / RayTrainReportCallback.CHECKPOINT_NAME) if checkpoint else None
-    trainer.train(resume_from_checkpoint=resume)
+    log = open_metrics_log(folder, rank == 0)
+    with tempfile.TemporaryDirectory(prefix="llmp-reward-") as scratch:
+        args = RewardConfig(**trainer_arguments(cfg.optim, cfg.scaling, cfg.dtype, scratch, cfg.gradient_checkpointing),
+                            max_length=cfg.data.max_length)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=as_conversations(train),
+                                eval_dataset=as_conversations(held_out) if cfg.optim.eval_every else None,
+                                processing_class=tokenizer,
+                                callbacks=[settings_callback(cfg.training_settings()), RayTrainReportCallback(),
+                                           metrics_callback(log)])
+        train_seconds = train_in_worker(trainer, log)
     if rank != 0:
         return
-    trained = trainer.model
-    scorer = RewardScorer.from_model(trained, tokenizer)
-    offset = sum(scorer.score(list(train["prompt"]), list(train["chosen"])) +
-                 scorer.score(list(train["prompt"]), list(train["rejected"]))) / (2 * len(train))
+
+    out = folder / "model"
+    trainer.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # Centre on the saved model, loaded as PPO's reward actor will load it.
+    scorer = RewardScorer(str(out), str(device), dtype=cfg.dtype)
+    chosen, rejected = scorer.score_pairs(train)
+    offset = sum(chosen + rejected) / (2 * len(train))
+    trainer.model.config.update({OFFSET_KEY: offset})
+    trainer.model.config.save_pretrained(out)
     scorer.offset = offset
-    trained.config.reward_offset = offset
-    trained.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    accuracy, margin = scorer.pair_accuracy(test)
-    losses = [r["loss"] for r in log.rows() if "loss" in r]
-    write_summary(folder, {"model": cfg.model, "steps": cfg.optim.max_steps, "num_workers": world,
-                           "eval_accuracy": accuracy, "eval_accuracy_before": before[0], "reward_margin": margin,
-                           "reward_offset": offset, "train_loss_first": losses[0], "train_loss": losses[-1],
-                           "eval_examples": len(test), "output": str(folder / "model")})
+    held_chosen, held_rejected = scorer.score_pairs(held_out)
+    accuracy, margin = ranking(held_chosen, held_rejected)
+    first_loss, last_loss = losses(log)
+    write_summary(folder, {
+        "model": cfg.model, "steps": cfg.optim.max_steps, "num_workers": world,
+        "eval_accuracy": accuracy, "eval_accuracy_before": before[0], "eval_examples": len(held_out),
+        "reward_margin": margin, "reward_margin_before": before[1], "reward_offset": offset,
+        "reward_mean_train": sum(chosen + rejected) / (2 * len(train)) - offset,
+        "reward_mean_eval": sum(held_chosen + held_rejected) / (2 * len(held_out)),
+        "train_loss_first": first_loss, "train_loss": last_loss, "train_seconds": train_seconds,
+        "output": str(out)})
 
 
 def prepare(cfg: RewardJobConfig) -> RewardJobConfig:
-    from llm_platform.models.loading import load_tokenizer
+    """Absolute local paths (workers run elsewhere), the tiny models built if the config names them."""
     from llm_platform.models.tiny import ensure_tiny_model
     from llm_platform.training.outputs import absolute
 
     ensure_tiny_model(cfg.model)
-    load_tokenizer(cfg.model)
-    if cfg.optim.batch_size % cfg.scaling.num_workers:
-        raise PlatformError("optim.batch_size must be a multiple of scaling.num_workers")
-    for split in ("train", "test"):
-        load_pairs(cfg.model_copy(update={"data": absolute(cfg.data)}), split)
-    return cfg.model_copy(update={"model": absolute(cfg.model), "data": absolute(cfg.data),
-                                  "output_dir": absolute(cfg.output_dir, create=True)})
+    data = cfg.data.model_copy(update={"source": absolute(cfg.data.source)})
+    return cfg.model_copy(update={"model": absolute(cfg.model), "output_dir": absolute(cfg.output_dir, create=True),
+                                  "data": data})
+
+
+def check_inputs(cfg: RewardJobConfig) -> None:
+    """Fail in seconds, before any worker starts, on a wrong model path or dataset."""
+    from llm_platform.alignment.preference_training import check_chat_template
+    from llm_platform.alignment.preferences import load_pairs
+    from llm_platform.models.loading import load_tokenizer
+
+    check_chat_template(load_tokenizer(cfg.model), cfg.model)
+    for split in ("train", cfg.data.eval_split):
+        if not len(load_pairs(cfg.data, split)):
+            raise PlatformError(f"data.source {cfg.data.source}: the {split} split is empty")
 
 
 def main(cfg: RewardJobConfig) -> dict:
+    from llm_platform.alignment.preference_training import check_resumable
     from llm_platform.training.launch import fit, storage_for
     from llm_platform.training.outputs import local_dir, publish
 
     cfg = prepare(cfg)
+    check_inputs(cfg)
     folder = local_dir(cfg.output_dir, cfg.run_name)
+    storage = storage_for(cfg.storage_path, folder)
+    check_resumable(storage, cfg.run_name, cfg.training_settings())
     fit(train_loop_per_worker, {"config": cfg.model_dump(), "folder": str(folder)}, cfg.scaling, cfg.run_name,
-        storage_for(cfg.storage_path, folder))
+        storage)
+    summary = json.loads((folder / "summary.json").read_text())
     publish(folder, cfg.output_dir)
-    return json.loads((folder / "summary.json").read_text())
+    return summary
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -1,63 +1,96 @@
-"""Reward model (Bradley-Terry, TRL RewardTrainer on Ray Train) and DPO (TRL DPOTrainer) on the tiny models."""
+"""Preference pairs as tokens (the same as TRL's trainers make them), and the reward/DPO configs; no Ray."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 
 from llm_platform.config import load_config
-from llm_platform.errors import ConfigError
+from llm_platform.errors import ConfigError, PlatformError
 from tests.alignment.conftest import CONFIGS
 
 
-@pytest.mark.slow
-def test_reward_model_ranks_held_out_pairs_and_is_centred(reward_run):
-    from llm_platform.alignment.preferences import load_pairs
+@pytest.fixture(scope="module")
+def pairs():
+    from llm_platform.alignment.preferences import PreferenceData, load_pairs
+
+    return load_pairs(PreferenceData(eval_limit=6), "test")
+
+
+def test_reward_scorer_tokens_match_the_reward_trainers(tiny_models, pairs, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from llm_platform.alignment.preferences import as_conversations
     from llm_platform.alignment.reward import RewardScorer
+    from llm_platform.models.loading import load_tokenizer
 
-    out, summary = reward_run
-    assert summary["eval_accuracy"] >= 0.9
-    scorer = RewardScorer(str(out / "model"))
-    train = load_pairs("synthetic:preferences", "train")
-    rewards = scorer.score(list(train["prompt"]) * 2, list(train["chosen"]) + list(train["rejected"]))
-    assert abs(sum(rewards) / len(rewards)) < 0.05
-    test = load_pairs("synthetic:preferences", "test", limit=50)
-    chosen = scorer.score(list(test["prompt"]), list(test["chosen"]))
-    rejected = scorer.score(list(test["prompt"]), list(test["rejected"]))
-    assert sum(c > r for c, r in zip(chosen, rejected)) >= 45
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert losses[-1] < losses[0] / 2
+    tokenizer = load_tokenizer(str(tiny_models["tiny-s"]))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["tiny-s"], num_labels=1)
+    trainer = RewardTrainer(model=model, args=RewardConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                            train_dataset=as_conversations(pairs), processing_class=tokenizer)
+    scorer = RewardScorer.from_model(model, tokenizer)
+    for record, trained in zip(pairs, trainer.train_dataset):
+        assert scorer.token_ids(record["prompt"], record["chosen"]) == trained["chosen_ids"]
+        assert scorer.token_ids(record["prompt"], record["rejected"]) == trained["rejected_ids"]
+    assert tokenizer.decode(trained["chosen_ids"]).endswith(record["chosen"] + tokenizer.eos_token + "\n")
 
 
-@pytest.mark.slow
-def test_dpo_raises_the_chosen_over_rejected_margin(ray_local, sft_chat_model, tmp_path):
-    from peft import PeftModel
+def test_reply_tokens_match_the_dpo_trainers(tiny_models, pairs, tmp_path):
+    from trl import DPOConfig, DPOTrainer
 
-    from llm_platform.alignment.preferences import load_pairs, preference_margins
+    from llm_platform.alignment.preferences import as_conversations, reply_tokens
     from llm_platform.models.loading import load_causal_lm, load_tokenizer
-    from train_jobs import dpo
 
-    summary = dpo.main(load_config(dpo.DPOJobConfig, CONFIGS / "local_dpo.yaml",
-                                   [f"model={sft_chat_model}", f"output_dir={tmp_path}", "optim.save_every=100"]))
-    assert summary["margin_after"] > summary["margin_before"] + 1.0
-    assert summary["eval_accuracy"] >= 0.8
-    tokenizer = load_tokenizer(str(sft_chat_model))
-    test = load_pairs("synthetic:preferences", "test", limit=40)
-    base = preference_margins(load_causal_lm(str(sft_chat_model)), tokenizer, test)
-    tuned = preference_margins(PeftModel.from_pretrained(load_causal_lm(str(sft_chat_model)), tmp_path / "adapter"),
-                               tokenizer, test)
-    assert float(tuned.mean()) > float(base.mean()) + 1.0
-    assert not torch.allclose(tuned, base)
+    tokenizer = load_tokenizer(str(tiny_models["tiny-s"]))
+    trainer = DPOTrainer(model=load_causal_lm(str(tiny_models["tiny-s"])),
+                         args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                         train_dataset=as_conversations(pairs), processing_class=tokenizer)
+    for record, trained in zip(pairs, trainer.train_dataset):
+        assert reply_tokens(tokenizer, record["prompt"], record["chosen"]) == (trained["prompt_ids"],
+                                                                                trained["chosen_ids"])
+        assert reply_tokens(tokenizer, record["prompt"], record["rejected"])[1] == trained["rejected_ids"]
 
 
-def test_preference_configs_validate():
+def test_conversational_records_pass_through(pairs):
+    from llm_platform.alignment.preferences import as_conversations
+
+    once = as_conversations(pairs)
+    assert once[0]["prompt"] == [{"role": "user", "content": pairs[0]["prompt"]}]
+    assert once[0]["rejected"] == [{"role": "assistant", "content": pairs[0]["rejected"]}]
+    assert as_conversations(once).to_list() == once.to_list()
+
+
+def test_reward_and_dpo_configs_validate():
     from train_jobs import dpo, reward_model
 
     for name in ("local_reward.yaml", "gpu_reward.yaml"):
-        load_config(reward_model.RewardJobConfig, CONFIGS / name)
+        cfg = load_config(reward_model.RewardJobConfig, CONFIGS / name)
+        assert cfg.scaling.use_gpu == name.startswith("gpu_")
     for name in ("local_dpo.yaml", "gpu_dpo.yaml"):
-        load_config(dpo.DPOJobConfig, CONFIGS / name)
+        cfg = load_config(dpo.DPOJobConfig, CONFIGS / name)
+        assert cfg.scaling.use_gpu == name.startswith("gpu_")
+        if cfg.scaling.use_gpu:
+            assert cfg.dtype == "bfloat16" and "://" in cfg.output_dir and cfg.data.source.count("/") == 1
+    assert load_config(reward_model.RewardJobConfig, CONFIGS / "local_reward.yaml").model == "artifacts/models/tiny-s"
     with pytest.raises(ConfigError, match="did you mean 'beta'"):
         load_config(dpo.DPOJobConfig, CONFIGS / "local_dpo.yaml", ["betta=0.2"])
+    with pytest.raises(ConfigError, match="multiple of scaling.num_workers"):
+        load_config(reward_model.RewardJobConfig, CONFIGS / "local_reward.yaml",
+                    ["optim.batch_size=15", "scaling.num_workers=2"])
+    with pytest.raises(ConfigError, match="sharding"):
+        load_config(dpo.DPOJobConfig, CONFIGS / "local_dpo.yaml", ["scaling.sharding=fsdp"])
+    with pytest.raises(ConfigError, match="data.max_length"):
+        load_config(reward_model.RewardJobConfig, CONFIGS / "local_reward.yaml", ["data.max_length=4"])
+
+
+def test_bad_inputs_fail_before_any_worker_starts(tiny_models, tmp_path):
+    from train_jobs import reward_model
+
+    def run(*overrides):
+        return reward_model.main(load_config(reward_model.RewardJobConfig, CONFIGS / "local_reward.yaml",
+                                             [f"output_dir={tmp_path}", *overrides]))
+
+    with pytest.raises(PlatformError, match="does not exist"):
+        run(f"model={tmp_path / 'no-model'}")
+    with pytest.raises(PlatformError, match="lacks column"):
+        run(f"model={tiny_models['tiny-s']}", "data.source=synthetic:sentiment")

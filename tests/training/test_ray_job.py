@@ -38,9 +38,12 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     # --block keeps `ray start` in the foreground: stopping it stops this head only (`ray stop` would
     # stop every Ray process on the machine, other tests' clusters included).
+    # Every port explicit: other tests' Ray clusters may hold the defaults (the agent's 52365).
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={gcs}",
                              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-                             f"--temp-dir={temp}", "--disable-usage-stats"],
+                             f"--temp-dir={temp}", "--disable-usage-stats", *ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120

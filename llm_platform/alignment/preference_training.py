@@ -1,0 +1,155 @@
+"""TRL's preference trainers (RewardTrainer, DPOTrainer) inside Ray Train workers.
+
+The Hugging Face Trainer (and so TRL) cannot FSDP-shard on CPU: accelerate enables FSDP only for GPU
+devices. These jobs therefore run DDP, every worker a full replica: Ray Train starts the process
+group, accelerate joins it (MULTI_CPU on gloo, MULTI_GPU on NCCL). Ray Train's
+``RayTrainReportCallback`` turns each Trainer checkpoint into a Ray Train checkpoint, so a worker
+group restarted after a failure resumes from the last one; rank 0 writes ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from llm_platform.errors import PlatformError
+from llm_platform.training.config import OptimSettings, ScalingSettings
+from llm_platform.training.outputs import MetricsLog
+
+
+def check_scaling(optim: OptimSettings, scaling: ScalingSettings) -> None:
+    """Validation shared by the reward and DPO configs."""
+    if optim.batch_size % scaling.num_workers:
+        raise ValueError(f"optim.batch_size ({optim.batch_size}) must be a multiple of scaling.num_workers "
+                         f"({scaling.num_workers})")
+    if scaling.sharding == "fsdp":
+        raise ValueError("scaling.sharding: TRL's trainers run DDP here (every worker a full replica); "
+                         "accelerate enables FSDP only on GPUs")
+
+
+def trainer_arguments(optim: OptimSettings, scaling: ScalingSettings, dtype: str, output_dir: str,
+                      gradient_checkpointing: bool) -> dict[str, Any]:
+    """``TrainingArguments`` shared by the reward and DPO jobs (TRL's config classes take them all)."""
+    per_worker = optim.batch_size // scaling.num_workers  # the global batch is split evenly across workers
+    return {
+        "output_dir": output_dir, "max_steps": optim.max_steps, "per_device_train_batch_size": per_worker,
+        "per_device_eval_batch_size": per_worker, "learning_rate": optim.learning_rate,
+        "weight_decay": optim.weight_decay, "warmup_steps": optim.warmup_ratio, "lr_scheduler_type": "linear",
+        "max_grad_norm": optim.max_grad_norm, "seed": optim.seed, "logging_steps": optim.log_every,
+        "save_strategy": "steps", "save_steps": optim.save_every or optim.max_steps,
+        "eval_strategy": "steps" if optim.eval_every else "no", "eval_steps": optim.eval_every or None,
+        "gradient_checkpointing": gradient_checkpointing, "bf16": dtype == "bfloat16", "fp16": dtype == "float16",
+        "use_cpu": not scaling.use_gpu, "ddp_backend": "nccl" if scaling.use_gpu else "gloo",
+        "ddp_find_unused_parameters": False,
+        "report_to": [], "disable_tqdm": True}
+
+
+def metrics_callback(log: MetricsLog | None):
+    """Every logged row to Ray Train (all ranks) and, on rank 0, to metrics.jsonl with a progress line."""
+    import ray.train
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            row = {"step": state.global_step, **{k: float(v) for k, v in (logs or {}).items()
+                                                 if isinstance(v, (int, float)) and not k.startswith("train_")}}
+            if "loss" not in row and "eval_loss" not in row:  # the end-of-training summary
+                return
+            ray.train.report(row)
+            if log is None:
+                return
+            log.write(row)
+            shown = [k for k in ("loss", "eval_loss", "accuracy", "eval_accuracy", "margin", "rewards/margins",
+                                 "eval_rewards/margins") if k in row]
+            print(f"step {state.global_step:>5}/{state.max_steps} | " +
+                  " | ".join(f"{k} {row[k]:.4f}" for k in shown), flush=True)
+
+    return MetricsCallback()
+
+
+def train_in_worker(trainer, log: MetricsLog | None) -> float:
+    """Train (resuming from Ray Train's last checkpoint, if any) and return the training seconds."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our callback prints one line per logged step
+    checkpoint = ray.train.get_checkpoint()
+    resume = str(Path(checkpoint.path) / RayTrainReportCallback.CHECKPOINT_NAME) if checkpoint else None
+    if resume:
+        step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+        print(f"resuming from the checkpoint at step {step}", flush=True)
+        if log is not None:
+            log.write({"step": step, "event": "resumed"})
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    return time.perf_counter() - start
+
+
+def open_metrics_log(folder: Path, is_main: bool) -> MetricsLog | None:
+    """Rank 0's metrics.jsonl: fresh for a new run; after a restart, the rows up to the resumed step."""
+    import ray.train
+
+    if not is_main:
+        return None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return MetricsLog(folder)
+    state = Path(checkpoint.path) / "checkpoint" / "trainer_state.json"
+    return MetricsLog(folder, resume_step=json.loads(state.read_text())["global_step"])
+
+
+def check_chat_template(tokenizer, model: str) -> None:
+    """Pairs are rendered as chat turns: a tokenizer without a chat template cannot render them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PlatformError(f"model {model}: its tokenizer has no chat template; preference pairs are rendered as "
+                            f"chat turns (use an instruct/chat model, or the tiny models, which have one)")
+
+
+def losses(log: MetricsLog) -> tuple[float, float]:
+    """First and last logged training loss."""
+    values = [row["loss"] for row in log.rows() if "loss" in row]
+    return values[0], values[-1]
+
+
+SETTINGS = "llmp_settings.json"
+
+
+def settings_callback(settings: dict):
+    """Stores the run's training settings in each Trainer checkpoint (before Ray Train copies it), so a
+    rerun under the same name can tell whether the checkpoint it would resume from is from the same run."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    class SettingsCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            last = get_last_checkpoint(args.output_dir)
+            if last and state.is_world_process_zero:
+                (Path(last) / SETTINGS).write_text(json.dumps(settings, sort_keys=True))
+
+    return SettingsCallback()
+
+
+def check_resumable(storage: str, run_name: str, settings: dict) -> None:
+    """A run name already in storage resumes from its last checkpoint (Ray Train restores it), but only
+    with the same settings: resuming a different run from it would silently mix the two."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
+    folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for folder in reversed(folders):
+        info = fs.get_file_info(f"{folder}/checkpoint/{SETTINGS}")
+        if info.type != pafs.FileType.File:
+            continue
+        with fs.open_input_stream(info.path) as f:
+            stored = json.loads(f.read())
+        changed = sorted(k for k in settings.keys() | stored.keys() if stored.get(k) != settings.get(k))
+        if changed:
+            raise PlatformError(f"run {run_name!r} in {storage} has a checkpoint from other settings (changed: "
+                                f"{', '.join(changed)}); choose another run_name to start afresh, or delete "
+                                f"{storage}/{run_name}")
+        print(f"resuming run {run_name!r} from its last checkpoint", flush=True)
+        return
