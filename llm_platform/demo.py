@@ -98,6 +98,7 @@ def run_rlhf(cfg: DemoConfig) -> dict:
     import ray
 
     from llm_platform.alignment.config import RLHFConfig
+    from llm_platform.cluster import connect
     from llm_platform.config import load_config
     from llm_platform.training.config import SFTConfig
     from train_jobs import reward_model, rlhf, sft
@@ -105,7 +106,7 @@ def run_rlhf(cfg: DemoConfig) -> dict:
     configs = Path(__file__).resolve().parents[1] / "train_jobs" / "configs"
     root = Path(cfg.out) / "rlhf"
     model = f"{cfg.models_dir}/tiny-s"
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    connect()
     try:
         print("[3/5] SFT: instruction tuning tiny-s on chat replies (Ray Train)", flush=True)
         sft_summary = sft.main(load_config(SFTConfig, configs / "local_sft_chat.yaml",

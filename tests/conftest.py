@@ -82,7 +82,9 @@ def ray_local():
     """One local Ray cluster in the test process, for jobs run in-process (training, tuning)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from llm_platform.cluster import connect
+
+    connect(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -77,8 +77,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from llm_platform.alignment.preference_training import (losses, metrics_callback, open_metrics_log,
-                                                            settings_callback, trainer_arguments, train_in_worker)
+    from llm_platform.alignment.preference_training import (losses, settings_callback, trainer_arguments,
+                                                            train_in_worker)
     from llm_platform.alignment.preferences import as_conversations, load_pairs, preference_margins
     from llm_platform.models.loading import load_causal_lm, load_tokenizer
     from llm_platform.training.outputs import write_summary
@@ -95,16 +95,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                       lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
-    log = open_metrics_log(folder, rank == 0)
     with tempfile.TemporaryDirectory(prefix="llmp-dpo-") as scratch:
         args = DPOConfig(**trainer_arguments(cfg.optim, cfg.scaling, cfg.dtype, scratch, cfg.gradient_checkpointing),
                          beta=cfg.beta, max_length=cfg.data.max_length)
         trainer = DPOTrainer(model=model, args=args, train_dataset=as_conversations(train),
                              eval_dataset=as_conversations(held_out) if cfg.optim.eval_every else None,
                              processing_class=tokenizer, peft_config=lora,
-                             callbacks=[settings_callback(cfg.training_settings()), RayTrainReportCallback(),
-                                        metrics_callback(log)])
-        train_seconds = train_in_worker(trainer, log)
+                             callbacks=[settings_callback(cfg.training_settings()), RayTrainReportCallback()])
+        log, train_seconds = train_in_worker(trainer, folder, rank == 0)
     if rank != 0:
         return
 

@@ -31,7 +31,7 @@ from llm_platform.alignment.preference_training import check_scaling
 from llm_platform.alignment.preferences import PreferenceData
 from llm_platform.config import FrozenConfig, load_config
 from llm_platform.errors import PlatformError
-from llm_platform.training.config import DType, OptimSettings, ScalingSettings
+from llm_platform.training.config import DType, LoraSettings, OptimSettings, ScalingSettings
 
 
 class RewardJobConfig(FrozenConfig):
@@ -44,6 +44,9 @@ class RewardJobConfig(FrozenConfig):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory for large models, more compute."""
     data: PreferenceData = PreferenceData()
+    lora: LoraSettings | None = None
+    """Train low-rank adapters (and the score head) instead of every weight, for models too large to
+    train whole; they are merged into model/ at the end, so model/ is a plain classifier either way."""
     output_dir: str = "artifacts/rlhf/reward"
     """Where metrics.jsonl, summary.json and model/ go: a folder or an s3://, gs:// URI."""
     storage_path: str | None = None
@@ -60,22 +63,23 @@ class RewardJobConfig(FrozenConfig):
 
     def training_settings(self) -> dict:
         """What a checkpoint depends on (not where outputs go or how many workers)."""
-        return self.model_dump(mode="json", include={"model", "dtype", "data", "optim"})
+        return self.model_dump(mode="json", include={"model", "dtype", "data", "lora", "optim"})
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """What each Ray Train worker runs: RewardTrainer; then rank 0 centres, saves and evaluates."""
     import ray.train
     import ray.train.torch
+    from peft import LoraConfig, TaskType
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from llm_platform.alignment.preference_training import (losses, metrics_callback, open_metrics_log,
-                                                            settings_callback, trainer_arguments, train_in_worker)
+    from llm_platform.alignment.preference_training import (losses, settings_callback, trainer_arguments,
+                                                            train_in_worker)
     from llm_platform.alignment.preferences import as_conversations, load_pairs
     from llm_platform.alignment.reward import OFFSET_KEY, RewardScorer, ranking
-    from llm_platform.models.loading import DTYPES, load_tokenizer
+    from llm_platform.models.loading import DTYPES, load_tokenizer, resolve_model
     from llm_platform.training.outputs import write_summary
 
     cfg = RewardJobConfig.model_validate(loop_config["config"])
@@ -84,34 +88,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world, device = context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
     set_seed(cfg.optim.seed)  # the fresh score head starts the same in every run
     tokenizer = load_tokenizer(cfg.model)
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, dtype=DTYPES[cfg.dtype])
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(cfg.model), num_labels=1,
+                                                               dtype=DTYPES[cfg.dtype])
     model.config.pad_token_id = tokenizer.pad_token_id  # the classifier finds each sequence's end by its padding
     model.to(device)
     train, held_out = load_pairs(cfg.data, "train"), load_pairs(cfg.data, cfg.data.eval_split)
     before = RewardScorer.from_model(model, tokenizer).pair_accuracy(held_out) if rank == 0 else None
 
-    log = open_metrics_log(folder, rank == 0)
+    lora = cfg.lora and LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                   lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
     with tempfile.TemporaryDirectory(prefix="llmp-reward-") as scratch:
         args = RewardConfig(**trainer_arguments(cfg.optim, cfg.scaling, cfg.dtype, scratch, cfg.gradient_checkpointing),
                             max_length=cfg.data.max_length)
         trainer = RewardTrainer(model=model, args=args, train_dataset=as_conversations(train),
                                 eval_dataset=as_conversations(held_out) if cfg.optim.eval_every else None,
-                                processing_class=tokenizer,
-                                callbacks=[settings_callback(cfg.training_settings()), RayTrainReportCallback(),
-                                           metrics_callback(log)])
-        train_seconds = train_in_worker(trainer, log)
+                                processing_class=tokenizer, peft_config=lora,
+                                callbacks=[settings_callback(cfg.training_settings()), RayTrainReportCallback()])
+        log, train_seconds = train_in_worker(trainer, folder, rank == 0)
     if rank != 0:
         return
 
     out = folder / "model"
-    trainer.model.save_pretrained(out)
+    trained = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+    trained.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # Centre on the saved model, loaded as PPO's reward actor will load it.
     scorer = RewardScorer(str(out), str(device), dtype=cfg.dtype)
     chosen, rejected = scorer.score_pairs(train)
     offset = sum(chosen + rejected) / (2 * len(train))
-    trainer.model.config.update({OFFSET_KEY: offset})
-    trainer.model.config.save_pretrained(out)
+    trained.config.update({OFFSET_KEY: offset})
+    trained.config.save_pretrained(out)
     scorer.offset = offset
     held_chosen, held_rejected = scorer.score_pairs(held_out)
     accuracy, margin = ranking(held_chosen, held_rejected)

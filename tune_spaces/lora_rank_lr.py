@@ -1,14 +1,23 @@
-"""Ray Tune over LoRA rank and learning rate, trials being the SFT job (Ray Train inside Tune).
+"""Ray Tune over LoRA rank and learning rate, each trial being the SFT job on Ray Train.
 
-Optuna proposes (rank, learning rate); alpha follows the rank by a rule (``2r`` by default);
-ASHA stops trials whose validation loss lags at its rungs, so most of the budget goes to the
-promising ones. The first trial is the fine-tuning job's default LoRA config, so the search is
-compared with it under identical conditions. Outputs in ``output_dir``: results.csv (a row per
-trial), summary.json (best_config, compute saved, best vs default), search.png, best_adapter/.
-An interrupted search resumes when started again with the same output_dir.
+Why: the rank and the learning rate are the two LoRA settings that matter most and interact (alpha
+follows the rank by ``alpha_rule``, so the update's scale stays put or shrinks as the rank grows).
+Optuna proposes (rank, learning rate) pairs, random at first and then from its TPE model of the
+results; ASHA compares the trials' validation losses at its rungs (grace_period × reduction_factor^k
+steps) and stops the ones that lag, so most of the compute goes to the promising ones. Each trial is a
+Tune function that builds and fits the SFT job's TorchTrainer (Ray Train V2), whose reports Ray's
+``TuneReportCallback`` forwards to Tune. The SFT config's own LoRA settings are trained once with the
+same step budget as the baseline to compare the best with.
 
-    python -m tune_spaces.lora_rank_lr --config tune_spaces/configs/local.yaml
-    ray job submit --address http://HEAD:8265 --working-dir . -- \
+Outputs in ``output_dir``: results.csv (a row per trial), summary.json (best_config, compute saved,
+best vs baseline), search.png, best_adapter/ (PEFT), trials/<trial>/ (each trial's SFT outputs),
+baseline/ and tune/ (Tune's experiment state). An interrupted search (Ctrl-C, a lost driver) resumes
+where it stopped when started again with the same output_dir and settings (``Tuner.restore``).
+
+Locally (starts a Ray cluster on this machine):
+    python -m tune_spaces.lora_rank_lr --config tune_spaces/configs/local.yaml [key=value ...]
+On a cluster, registering the best adapter with a running server:
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m tune_spaces.lora_rank_lr --config tune_spaces/configs/local.yaml --register-url http://SERVER:8000
 """
 
@@ -16,206 +25,159 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
-
-from llm_platform.config import FrozenConfig, load_config
+from llm_platform.config import load_config
 from llm_platform.errors import PlatformError
+from llm_platform.tuning.space import TuneSearchConfig
 
 REPO = Path(__file__).resolve().parents[1]
-# A trial only waits on its Ray Train worker, which does the work. Tune needs the trial to hold some
-# CPU, so it holds a sliver and its worker that much less: N concurrent trials then fit N cores.
-TRIAL_CPU = 0.01
 
 
-class TuneSearchConfig(FrozenConfig):
-    """A LoRA rank × learning-rate search (``python -m tune_spaces.lora_rank_lr --config FILE``)."""
-
-    sft_config: str = "train_jobs/configs/local_lora.yaml"
-    """The SFT job config each trial starts from (its LoRA rank/alpha/learning rate are the default trial)."""
-    sft_overrides: list[str] = []
-    """key=value overrides applied to the SFT config of every trial (e.g. model=..., data.eval_limit=64)."""
-    ranks: list[int] = [2, 4, 8, 16, 32, 64]
-    """LoRA ranks Optuna chooses from."""
-    lr_min: float = Field(3e-4, gt=0)
-    lr_max: float = Field(1e-2, gt=0)
-    """Learning rates are searched log-uniformly in [lr_min, lr_max]."""
-    alpha_rule: str = "2r"
-    """How alpha follows the rank: ``2r``, ``r`` or ``fixed:N``."""
-    num_samples: int = Field(8, ge=1)
-    max_concurrent: int = Field(2, ge=1)
-    max_steps: int = Field(160, ge=1)
-    """Steps of a trial run to completion."""
-    eval_every: int = Field(20, ge=1)
-    """Steps between validation losses (ASHA's rungs fall on these)."""
-    grace_period: int = Field(40, ge=1)
-    """Steps every trial gets before ASHA may stop it."""
-    reduction_factor: int = Field(2, ge=2)
-    output_dir: str = "artifacts/tune/lora_rank_lr"
-    seed: int = 0
-    register_url: str | None = None
-    register_base: str | None = None
-    register_name: str = "tuned-lora"
-
-    @field_validator("alpha_rule")
-    @classmethod
-    def _rule(cls, rule: str) -> str:
-        alpha_for(rule, 8)
-        return rule
-
-    @model_validator(mode="after")
-    def _check(self) -> "TuneSearchConfig":
-        if self.lr_min >= self.lr_max:
-            raise ValueError(f"lr_min ({self.lr_min}) must be below lr_max ({self.lr_max})")
-        if self.max_steps % self.eval_every:
-            raise ValueError("max_steps must be a multiple of eval_every (the last step reports a validation loss)")
-        if self.register_url and not self.register_base:
-            raise ValueError("register_base: required with register_url")
-        return self
-
-
-def alpha_for(rule: str, rank: int) -> int:
-    if rule == "2r":
-        return 2 * rank
-    if rule == "r":
-        return rank
-    if rule.startswith("fixed:") and rule[6:].isdigit():
-        return int(rule[6:])
-    raise ValueError(f"alpha_rule {rule!r}: expected '2r', 'r' or 'fixed:N'")
-
-
-def trial_config(search: TuneSearchConfig, base, rank: int, lr: float, folder: Path, name: str):
-    """The SFT config of one trial: the base with this rank, alpha and learning rate."""
-    lora = base.lora.model_copy(update={"r": rank, "alpha": alpha_for(search.alpha_rule, rank)})
-    optim = base.optim.model_copy(update={"learning_rate": lr, "max_steps": search.max_steps,
-                                          "eval_every": search.eval_every, "log_every": search.eval_every,
-                                          "save_every": 0})
-    return base.model_copy(update={"lora": lora, "optim": optim, "output_dir": str(folder / name),
-                                   "run_name": name, "method": "lora"})
-
-
-def run_trial(params: dict) -> None:
-    """A Tune trial: the SFT job on Ray Train, its reports forwarded to Tune (and so to ASHA)."""
+def run_trial(params: dict, search: dict, base: dict, folder: str, storage: str) -> None:
+    """One trial: the SFT job with this rank and learning rate on Ray Train, reporting to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from llm_platform.training.config import SFTConfig
     from llm_platform.training.launch import fit
-    from train_jobs.sft import train_loop_per_worker
+    from llm_platform.tuning.space import trial_config
+    from llm_platform.tuning.trials import trial_loop_per_worker, worker_share
 
-    search = TuneSearchConfig.model_validate(params["search"])
-    base = SFTConfig.model_validate(params["base"])
     name = ray.tune.get_context().get_trial_id()
-    folder = Path(params["folder"])
-    cfg = trial_config(search, base, params["rank"], params["lr"], folder / "trials", name)
-    scaling = cfg.scaling.model_copy(update={"cpus_per_worker": max(cfg.scaling.cpus_per_worker - TRIAL_CPU, 0.01)})
-    cfg = cfg.model_copy(update={"scaling": scaling})
-    fit(train_loop_per_worker, {"config": cfg.model_dump()}, cfg.scaling, name, str(folder / "ray_train"),
-        callbacks=[TuneReportCallback()])
+    cfg = trial_config(TuneSearchConfig.model_validate(search), SFTConfig.model_validate(base), params["rank"],
+                       params["lr"], Path(folder) / "trials" / name, name)
+    scaling = worker_share(cfg.scaling)
+    fit(trial_loop_per_worker, {"config": cfg.model_copy(update={"scaling": scaling}).model_dump()}, scaling,
+        name, f"{storage}/train", callbacks=[TuneReportCallback()])
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    ray.tune.report({"step": summary["steps"], "eval_loss": summary["eval_loss"],
+                     "eval_accuracy": summary.get("eval_accuracy"), "adapter": summary["output"]})
+
+
+def build_tuner(search: TuneSearchConfig, base, folder: Path, storage: str):
+    """A new Tuner, or the interrupted one restored from ``storage/run_name``."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from llm_platform.tuning.space import search_space
+    from llm_platform.tuning.trials import (TRIAL_RESOURCES, ReleaseStoppedRuns, SearchProgress,
+                                            trial_dirname)
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, search=search.model_dump(),
+                                                         base=base.model_dump(), folder=str(folder),
+                                                         storage=storage), TRIAL_RESOURCES)
+    experiment = f"{storage}/{search.run_name}"
+    if tune.Tuner.can_restore(experiment):
+        check_same_settings(search, base, folder)
+        print(f"resuming the search in {experiment}", flush=True)
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    (folder / "settings.json").write_text(json.dumps(_settings(search, base), indent=2, sort_keys=True) + "\n")
+    sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.random_trials)
+    return tune.Tuner(
+        trainable, param_space=search_space(search),
+        tune_config=tune.TuneConfig(
+            metric="eval_loss", mode="min", num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent, search_alg=OptunaSearch(sampler=sampler),
+            scheduler=ASHAScheduler(time_attr="step", max_t=search.max_steps, grace_period=search.grace_period,
+                                    reduction_factor=search.reduction_factor),
+            trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=search.run_name, storage_path=storage, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=search.trial_retries),
+                                  callbacks=[SearchProgress(search), ReleaseStoppedRuns()]))
+
+
+def check_same_settings(search: TuneSearchConfig, base, folder: Path) -> None:
+    """Resuming with other settings would mix two searches in one result table."""
+    path = folder / "settings.json"
+    before = json.loads(path.read_text()) if path.exists() else {}
+    now = _settings(search, base)
+    changed = sorted(f"{part}.{key}" for part in now for key in now[part]
+                     if before.get(part, {}).get(key) != now[part][key])
+    if changed:
+        raise PlatformError(f"{folder} holds a search with other settings (changed: {', '.join(changed)}); "
+                            f"choose another output_dir to start afresh, or delete {folder}")
+
+
+def run_baseline(search: TuneSearchConfig, base, folder: Path) -> dict:
+    """The SFT config's own LoRA settings with the trials' step budget, run by the SFT job itself."""
+    from llm_platform.tuning.space import budgeted
+    from train_jobs import sft
+
+    out = folder / "baseline"
+    if (out / "summary.json").exists():
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        print(f"baseline: rank {base.lora.r} alpha {base.lora.alpha} lr {base.optim.learning_rate:.2e}, "
+              f"{search.max_steps} steps", flush=True)
+        summary = sft.main(budgeted(search, base, out, "baseline"))
+    return {"rank": base.lora.r, "alpha": base.lora.alpha, "learning_rate": base.optim.learning_rate,
+            "steps": summary["steps"], "eval_loss": summary["eval_loss"],
+            "eval_accuracy": summary.get("eval_accuracy"), "adapter": summary["output"]}
 
 
 def main(search: TuneSearchConfig) -> dict:
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
+    from llm_platform.report import format_table
     from llm_platform.training.config import SFTConfig
+    from llm_platform.training.launch import storage_for
     from llm_platform.training.outputs import register_adapter
-    from llm_platform.tuning.results import collect, plot, write_csv
+    from llm_platform.tuning.results import plot, summarize, trial_rows, write_csv
+    from llm_platform.tuning.space import trial_config
+    from llm_platform.cluster import connect
     from train_jobs.sft import check_inputs, prepare
 
-    base = prepare(load_config(SFTConfig, _path(search.sft_config), search.sft_overrides))
+    base = prepare(load_config(SFTConfig, _repo_path(search.sft_config), search.sft_overrides))
+    if base.method not in ("lora", "qlora"):
+        raise PlatformError(f"sft_config: method {base.method!r}; the search tunes LoRA (lora or qlora)")
     check_inputs(base)
     folder = Path(search.output_dir).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    default = {"rank": base.lora.r, "lr": base.optim.learning_rate}
-    space = {"rank": tune.choice(search.ranks), "lr": tune.loguniform(search.lr_min, search.lr_max),
-             "search": search.model_dump(), "base": base.model_dump(), "folder": str(folder)}
-    algo = ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[default], seed=search.seed),
-                              max_concurrent=search.max_concurrent)
-    scheduler = ASHAScheduler(time_attr="step", max_t=search.max_steps, grace_period=search.grace_period,
-                              reduction_factor=search.reduction_factor)
-    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        # Ray 2.60 leaks the placement group of a Ray Train run whose trial ASHA stopped; with logical
-        # CPUs = cores the next trial would wait forever. max_concurrent bounds the real parallelism.
-        ray.init(num_cpus=4 * (os.cpu_count() or 1), logging_level="WARNING")
-    elif not ray.is_initialized():
-        ray.init(logging_level="WARNING")
-    experiment = folder / "tune"
-    if tune.Tuner.can_restore(str(experiment)):
-        print(f"resuming the search in {experiment}", flush=True)
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
-            metric="eval_loss", mode="min", search_alg=algo, scheduler=scheduler, num_samples=search.num_samples),
-            run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=0,
-                                      callbacks=[ProgressLine(search.num_samples)]))
-    grid = tuner.fit()
-    rows = collect(grid, folder / "trials", search, default)
-    write_csv(rows, folder / "results.csv")
-    plot(rows, folder / "search.png")
-    summary = summarize(rows, search, default)
+    for rank in (search.ranks[0], search.ranks[-1]):  # fail now, not in a trial, on a rank the config refuses
+        trial_config(search, base, rank, search.lr_max, folder, "check")
+    storage = storage_for(search.storage_path, folder) if search.storage_path else str(folder)
+    # The trials' step lines stay in the workers' logs: they would drown the search's own progress.
+    connect(log_to_driver=False)
+
+    started = time.perf_counter()
+    print(f"searching LoRA rank {search.ranks} x learning rate [{search.lr_min:.1e}, {search.lr_max:.1e}] on "
+          f"{Path(base.model).name}: {search.num_samples} trials of up to {search.max_steps} steps, "
+          f"{search.max_concurrent} at a time, ASHA rungs from step {search.grace_period}", flush=True)
+    grid = build_tuner(search, base, folder, storage).fit()
+    if grid.num_terminated + grid.num_errors < search.num_samples:
+        raise PlatformError(f"the search stopped with {grid.num_terminated + grid.num_errors} of "
+                            f"{search.num_samples} trials finished; run the same command again to resume it")
+    search_seconds = time.perf_counter() - started
+    rows = trial_rows(grid, search)
+    baseline = run_baseline(search, base, folder) if search.baseline else None
+    summary = summarize(rows, search, baseline)
     best = next(r for r in rows if r["trial"] == summary["best_trial"])
-    if (folder / "best_adapter").exists():
-        shutil.rmtree(folder / "best_adapter")
-    shutil.copytree(Path(best["output"]), folder / "best_adapter")
+    shutil.rmtree(folder / "best_adapter", ignore_errors=True)
+    shutil.copytree(best["adapter"], folder / "best_adapter")
+    summary.update(best_adapter=str(folder / "best_adapter"), search_seconds=round(search_seconds, 1),
+                   wall_seconds=round(time.perf_counter() - started, 1))
     if search.register_url:
-        card = register_adapter(search.register_url, search.register_name, search.register_base, "lora",
-                                str(folder / "best_adapter"))
+        card = register_adapter(search.register_url, search.register_name,
+                                search.register_base or Path(base.model).name, "lora", summary["best_adapter"])
         summary["registered_as"] = card.get("id")
+    write_csv(rows, folder / "results.csv")
+    plot(rows, folder / "search.png", summary["best_trial"], baseline)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    print(format_table([{k: "-" if v is None else v for k, v in r.items() if k != "adapter"} for r in rows]),
+          flush=True)
     return summary
 
 
-def summarize(rows: list[dict], search: TuneSearchConfig, default: dict) -> dict:
-    completed = [r for r in rows if not r["stopped_early"] and r["output"]]
-    if not completed:
-        raise PlatformError("no trial ran to completion; raise grace_period or num_samples")
-    best = min(completed, key=lambda r: r["eval_loss"])
-    baseline = rows[0]  # Optuna evaluates the SFT config's own (rank, lr) first
-    run, full = sum(r["steps"] for r in rows), len(rows) * search.max_steps
-    return {"best_trial": best["trial"],
-            "best_config": {"rank": best["rank"], "learning_rate": best["learning_rate"], "alpha": best["alpha"]},
-            "best_eval_loss": best["eval_loss"], "best_eval_accuracy": best["eval_accuracy"],
-            "baseline": {"rank": default["rank"], "learning_rate": default["lr"], "eval_loss": baseline["eval_loss"],
-                         "eval_accuracy": baseline["eval_accuracy"], "steps": baseline["steps"]},
-            "best_beats_baseline": best["eval_loss"] < baseline["eval_loss"],
-            "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
-            "trial_steps_run": run, "trial_steps_full": full, "compute_fraction": run / full}
+def _settings(search: TuneSearchConfig, base) -> dict:
+    return {"search": search.settings(), "sft": base.model_dump()}
 
 
-class ProgressLine:
-    """A line per finished trial: its settings, where it stopped, and the best so far."""
-
-    def __new__(cls, total: int):
-        from ray.tune import Callback
-
-        class Progress(Callback):
-            def __init__(self):
-                self.done, self.best = 0, None
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.done += 1
-                result = trial.last_result or {}
-                loss = result.get("eval_loss", float("nan"))
-                if self.best is None or loss < self.best[0]:
-                    self.best = (loss, trial.config["rank"], trial.config["lr"])
-                print(f"trial {self.done}/{total} {trial.trial_id}: rank {trial.config['rank']} lr "
-                      f"{trial.config['lr']:.2e} -> step {result.get('step')} eval_loss {loss:.4f} | best so far "
-                      f"{self.best[0]:.4f} (rank {self.best[1]}, lr {self.best[2]:.2e})", flush=True)
-
-        return Progress()
-
-
-def _path(name: str) -> Path:
-    path = Path(name)
+def _repo_path(name: str) -> Path:
+    path = Path(name).expanduser()
     return path if path.is_absolute() or path.exists() else REPO / name
 
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from llm_platform.errors import PlatformError
 from llm_platform.training.config import OptimSettings, ScalingSettings
 from llm_platform.training.outputs import MetricsLog
+
+SETTINGS = "llmp_settings.json"
+"""The run's training settings, stored in each Trainer checkpoint."""
 
 
 def check_scaling(optim: OptimSettings, scaling: ScalingSettings) -> None:
@@ -46,6 +50,21 @@ def trainer_arguments(optim: OptimSettings, scaling: ScalingSettings, dtype: str
         "report_to": [], "disable_tqdm": True}
 
 
+def settings_callback(settings: dict):
+    """Stores the run's training settings in each Trainer checkpoint (before Ray Train copies it), so a
+    rerun under the same name can tell whether the checkpoint it would resume from is from the same run."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    class SettingsCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            last = get_last_checkpoint(args.output_dir)
+            if last and state.is_world_process_zero:
+                (Path(last) / SETTINGS).write_text(json.dumps(settings, sort_keys=True))
+
+    return SettingsCallback()
+
+
 def metrics_callback(log: MetricsLog | None):
     """Every logged row to Ray Train (all ranks) and, on rank 0, to metrics.jsonl with a progress line."""
     import ray.train
@@ -69,36 +88,34 @@ def metrics_callback(log: MetricsLog | None):
     return MetricsCallback()
 
 
-def train_in_worker(trainer, log: MetricsLog | None) -> float:
-    """Train (resuming from Ray Train's last checkpoint, if any) and return the training seconds."""
+def train_in_worker(trainer, folder: Path, is_main: bool) -> tuple[MetricsLog | None, float]:
+    """Train, resuming from the run's last Ray Train checkpoint if there is one; rank 0 logs to
+    ``folder/metrics.jsonl`` (after a restart, the rows up to the resumed step are kept). Returns the
+    log (None on other ranks) and the training seconds."""
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our callback prints one line per logged step
     checkpoint = ray.train.get_checkpoint()
-    resume = str(Path(checkpoint.path) / RayTrainReportCallback.CHECKPOINT_NAME) if checkpoint else None
-    if resume:
-        step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
-        print(f"resuming from the checkpoint at step {step}", flush=True)
-        if log is not None:
-            log.write({"step": step, "event": "resumed"})
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    return time.perf_counter() - start
+    with checkpoint.as_directory() if checkpoint else nullcontext() as restored:  # downloaded if remote
+        resume = Path(restored) / RayTrainReportCallback.CHECKPOINT_NAME if restored else None
+        step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else None
+        log = MetricsLog(folder, resume_step=step) if is_main else None
+        if resume:
+            print(f"resuming from the checkpoint at step {step}", flush=True)
+            if log is not None:
+                log.write({"step": step, "event": "resumed"})
+        trainer.add_callback(metrics_callback(log))
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return log, time.perf_counter() - start
 
 
-def open_metrics_log(folder: Path, is_main: bool) -> MetricsLog | None:
-    """Rank 0's metrics.jsonl: fresh for a new run; after a restart, the rows up to the resumed step."""
-    import ray.train
-
-    if not is_main:
-        return None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return MetricsLog(folder)
-    state = Path(checkpoint.path) / "checkpoint" / "trainer_state.json"
-    return MetricsLog(folder, resume_step=json.loads(state.read_text())["global_step"])
+def losses(log: MetricsLog) -> tuple[float, float]:
+    """First and last logged training loss."""
+    values = [row["loss"] for row in log.rows() if "loss" in row]
+    return values[0], values[-1]
 
 
 def check_chat_template(tokenizer, model: str) -> None:
@@ -108,30 +125,6 @@ def check_chat_template(tokenizer, model: str) -> None:
                             f"chat turns (use an instruct/chat model, or the tiny models, which have one)")
 
 
-def losses(log: MetricsLog) -> tuple[float, float]:
-    """First and last logged training loss."""
-    values = [row["loss"] for row in log.rows() if "loss" in row]
-    return values[0], values[-1]
-
-
-SETTINGS = "llmp_settings.json"
-
-
-def settings_callback(settings: dict):
-    """Stores the run's training settings in each Trainer checkpoint (before Ray Train copies it), so a
-    rerun under the same name can tell whether the checkpoint it would resume from is from the same run."""
-    from transformers import TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
-
-    class SettingsCallback(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            last = get_last_checkpoint(args.output_dir)
-            if last and state.is_world_process_zero:
-                (Path(last) / SETTINGS).write_text(json.dumps(settings, sort_keys=True))
-
-    return SettingsCallback()
-
-
 def check_resumable(storage: str, run_name: str, settings: dict) -> None:
     """A run name already in storage resumes from its last checkpoint (Ray Train restores it), but only
     with the same settings: resuming a different run from it would silently mix the two."""
@@ -139,7 +132,8 @@ def check_resumable(storage: str, run_name: str, settings: dict) -> None:
 
     fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
-    folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    folders = sorted(i.path for i in infos
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     for folder in reversed(folders):
         info = fs.get_file_info(f"{folder}/checkpoint/{SETTINGS}")
         if info.type != pafs.FileType.File:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from llm_platform.cluster import connect
+
 
 def workload(tokenizer, n: int, seed: int = 0) -> list[tuple[list[int], int]]:
     """``n`` (chat prompt ids, max new tokens) pairs."""
@@ -121,7 +123,7 @@ def run(model: str, n: int) -> dict:
     seconds, tokens = run_engine(model, work)
     rows.append({"system": "vllm_engine", "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
     print(f"vLLM rollout actor: {n} prompts", flush=True)
-    ray.init(include_dashboard=False, logging_level="ERROR")
+    connect(logging_level="ERROR")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             seconds, tokens, sync = run_actors(model, work, Path(tmp))

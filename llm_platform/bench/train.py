@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llm_platform.cluster import connect
 from llm_platform.config import load_config
 from llm_platform.training.config import SFTConfig
 from llm_platform.training.distributed import WorkerContext
@@ -39,7 +40,7 @@ def run(model: str, steps: int, config: str | Path = CONFIG) -> dict:
         start = time.perf_counter()
         summary = train_sft(cfg, WorkerContext(), Path(cfg.output_dir))
         rows.append(_row("plain", summary, time.perf_counter() - start))
-        ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR")
+        connect(num_cpus=cores, logging_level="ERROR")
         try:
             for name, workers, cpus in (("ray_1", 1, cores), ("ray_2", 2, max(cores // 2, 1))):
                 print(f"{name}: {steps} steps on {workers} Ray Train worker(s)", flush=True)

@@ -15,6 +15,7 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from llm_platform.cluster import connect
 from llm_platform.training.config import ScalingSettings
 
 
@@ -29,8 +30,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: ScalingSet
         storage: str, callbacks: list | None = None) -> ray.train.Result:
     """Run ``train_fn(loop_config)`` on ``scaling.num_workers`` Ray Train workers and wait for it.
     ``callbacks`` are Ray Train callbacks (inside a Tune trial: Tune's report callback)."""
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING")  # joins RAY_ADDRESS under `ray job submit`, else starts a local cluster
+    connect()  # joins RAY_ADDRESS under `ray job submit`, else starts a local cluster
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     trainer = TorchTrainer(
         train_fn,

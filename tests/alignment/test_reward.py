@@ -72,3 +72,34 @@ def test_rerun_with_other_settings_is_refused(local_reward_run, tiny_models):
     out, _ = local_reward_run
     with pytest.raises(PlatformError, match=r"other settings \(changed: optim\)"):
         reward_model.main(reward_config(tiny_models["tiny-s"], out, "optim.learning_rate=1e-4"))
+
+
+@pytest.mark.slow
+def test_two_workers_train_like_one(local_reward_run, tiny_models, tmp_path):
+    """DDP on two CPU workers: the global batch is split across them, so they log the same losses."""
+    from train_jobs import reward_model
+
+    out, one = local_reward_run
+    two = reward_model.main(reward_config(tiny_models["tiny-s"], tmp_path, "scaling.num_workers=2"))
+    assert two["num_workers"] == 2 and two["eval_accuracy"] >= 0.9
+    rows_one, rows_two = ([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+                          for folder in (out, tmp_path))
+    assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], rel=1e-2, abs=1e-5)
+    assert [r["margin"] for r in rows_two] == pytest.approx([r["margin"] for r in rows_one], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_lora_reward_model_is_merged_into_a_plain_classifier(ray_local, tiny_models, tmp_path):
+    from safetensors import safe_open
+
+    from llm_platform.alignment.preferences import PreferenceData, load_pairs
+    from llm_platform.alignment.reward import RewardScorer
+    from train_jobs import reward_model
+
+    summary = reward_model.main(reward_config(tiny_models["tiny-s"], tmp_path, "lora={r: 8, alpha: 16}",
+                                              "optim.learning_rate=3e-3", "optim.max_steps=15"))
+    assert summary["eval_accuracy"] >= 0.9
+    with safe_open(tmp_path / "model" / "model.safetensors", "pt") as weights:
+        assert "score.weight" in weights.keys() and not [k for k in weights.keys() if "lora" in k]
+    reloaded = RewardScorer(str(tmp_path / "model")).pair_accuracy(load_pairs(PreferenceData(), "test"))
+    assert reloaded == pytest.approx((summary["eval_accuracy"], summary["reward_margin"]), rel=1e-4)

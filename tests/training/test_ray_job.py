@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from llm_platform.cluster import free_port
 from tests.training.conftest import REPO
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +27,11 @@ def ray_head(tmp_path_factory):
     """A Ray head on free ports with its own temp dir and its own auth token (none left from other runs)."""
     temp = tmp_path_factory.mktemp("ray")
     gcs, dashboard = free_port(), free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    # RAY_API_SERVER_ADDRESS: the head's processes ask their own state API, not the machine's latest
+    # cluster (see llm_platform/cluster.py).
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
+           "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_API_SERVER_ADDRESS": address}
     env.pop("RAY_ADDRESS", None)
     # --block keeps `ray start` in the foreground: stopping it stops this head only (`ray stop` would
     # stop every Ray process on the machine, other tests' clusters included).
@@ -45,7 +42,6 @@ def ray_head(tmp_path_factory):
                              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
                              f"--temp-dir={temp}", "--disable-usage-stats", *ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
     while subprocess.run([BIN / "ray", "job", "list", "--address", address], env=env,
                          capture_output=True).returncode != 0:

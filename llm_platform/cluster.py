@@ -1,0 +1,46 @@
+"""Joining or starting the Ray cluster a command runs on.
+
+Under ``ray job submit`` (or with ``RAY_ADDRESS`` set) a command joins that cluster. Otherwise it
+starts a local one, and that cluster's processes are told where its own state API is.
+
+Why that matters: Ray Train's ``PlacementGroupCleaner`` (a detached actor) asks the state API
+whether the run's controller is still alive, and finds the API by auto-detection: ``RAY_ADDRESS``,
+else the *most recently started* cluster on the machine. With two local clusters (a server and a
+training job, say) it asks the wrong one, which knows no such controller, and frees the placement
+group of a live run: its workers die mid-training ("worker health check failed"). Pointing every
+process of the cluster at its own dashboard (``RAY_API_SERVER_ADDRESS``) removes the guess.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def connect(num_cpus: int | None = None, log_to_driver: bool = True, logging_level: str = "WARNING",
+            env_vars: dict[str, str] | None = None) -> None:
+    """Join ``RAY_ADDRESS``'s cluster, or start a local one (``num_cpus`` logical CPUs, default: the
+    cores) with a dashboard on a free port that its processes use as their state API. ``env_vars`` go
+    to every worker of this driver. A no-op when Ray is already initialised."""
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=log_to_driver, logging_level=logging_level, runtime_env=runtime_env)
+        return
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             log_to_driver=log_to_driver, logging_level=logging_level,
+             runtime_env={"env_vars": {**(env_vars or {}), API_SERVER_ENV: api}})
