@@ -35,6 +35,7 @@ def run(model: str, steps: int, config: str | Path = CONFIG) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="llmp-bench-train-") as tmp:
         cfg = sft.prepare(load_config(SFTConfig, config, base + [f"output_dir={tmp}/plain"]))
+        Path(cfg.output_dir).mkdir(parents=True)
         torch.set_num_threads(cores)
         print(f"plain: {steps} steps in this process ({cores} threads)", flush=True)
         start = time.perf_counter()
