@@ -89,6 +89,10 @@ def build_tuner(search: TuneSearchConfig, base, folder: Path, storage: str):
             trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=search.run_name, storage_path=storage, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=search.trial_retries),
+                                  # The experiment state (which trials ended, and how) reaches storage every
+                                  # 10 s, not Tune's default 300 s: a search interrupted after a few trials
+                                  # resumes without running them again.
+                                  sync_config=tune.SyncConfig(sync_period=10),
                                   callbacks=[SearchProgress(search), ReleaseStoppedRuns()]))
 
 

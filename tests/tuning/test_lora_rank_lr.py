@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,20 +20,36 @@ CONFIG = REPO / "tune_spaces" / "configs" / "local.yaml"
 
 
 @pytest.mark.slow
-def test_search_stops_bad_trials_and_keeps_the_best_adapter(tiny_models, tmp_path):
+def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(tiny_models, tmp_path):
+    """The search is killed (with its Ray cluster) after two trials ended, then started again: it resumes,
+    the two ended trials are not run again, and the results cover all six."""
     from peft import PeftConfig
 
-    overrides = [f"sft_overrides=[model={tiny_models['tiny-s']}, data.eval_limit=32]", "num_samples=6",
-                 "max_steps=24", "eval_every=4", "grace_period=4", "lr_min=1e-5", "lr_max=2e-2",
-                 f"output_dir={tmp_path}"]
-    run = subprocess.run([sys.executable, "-m", "tune_spaces.lora_rank_lr", "--config", str(CONFIG), *overrides],
-                         capture_output=True, text=True, timeout=900, cwd=REPO)
+    command = [sys.executable, "-m", "tune_spaces.lora_rank_lr", "--config", str(CONFIG),
+               f"sft_overrides=[model={tiny_models['tiny-s']}, data.eval_limit=32]", "num_samples=6",
+               "max_steps=24", "eval_every=4", "grace_period=4", "reduction_factor=2", "lr_min=1e-5", "lr_max=2e-2",
+               f"output_dir={tmp_path}"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                             start_new_session=True)
+    ended = []
+    for line in first.stdout:
+        ended += PROGRESS.findall(line)
+        if len(ended) == 2:
+            break
+    assert len(ended) == 2, "the first run ended before two trials did"
+    time.sleep(15)  # Tune writes its experiment state every 10 s
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(60)
+
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert len(re.findall(r"^trial \d/6 ", run.stdout, re.M)) == 6  # a progress line per trial
+    assert "resuming the search" in run.stdout
+    resumed = PROGRESS.findall(run.stdout)  # a progress line per trial that ended in this run
+    assert not set(ended) & set(resumed) and len(resumed) <= 4
     summary = json.loads((tmp_path / "summary.json").read_text())
     with (tmp_path / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == summary["trials"] == 6
+    assert len(rows) == summary["trials"] == 6 and set(ended) <= {r["trial"] for r in rows}
     assert len({r["rank"] for r in rows}) > 1 and len({r["learning_rate"] for r in rows}) > 1
     assert all(int(r["alpha"]) == 2 * int(r["rank"]) for r in rows)
     stopped = [r for r in rows if r["stopped_early"] == "True"]
@@ -42,3 +61,6 @@ def test_search_stops_bad_trials_and_keeps_the_best_adapter(tiny_models, tmp_pat
     assert PeftConfig.from_pretrained(tmp_path / "best_adapter").r == int(best["rank"])
     assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["baseline"]["steps"] == 24 and "best_beats_baseline" in summary
+
+
+PROGRESS = re.compile(r"^trial \d/6 (\w+):", re.M)
