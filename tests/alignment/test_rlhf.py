@@ -68,7 +68,7 @@ def test_ppo_raises_reward_and_survives_a_killed_rollout_actor(ray_local, rlhf_i
     assert summary["reward_last_quarter"] > summary["reward_first_quarter"] + 0.5
     assert all(r["rollout_engine"] == "vllm" for r in rows)
     assert max(r["logprob_abs_diff"] for r in rows) < 1e-2
-    assert max(r["kl"] for r in rows) < 20
+    assert max(r["kl"] for r in rows) < 2.5 * cfg.ppo.kl_target  # the adaptive penalty holds KL near its target
     assert killed and summary["rollout_workers_replaced"] == 1
     for key in ("iteration", "reward_mean", "reward_std", "kl", "kl_coef", "entropy", "policy_loss", "value_loss",
                 "clip_fraction", "response_length", "rollout_engine", "rollout_tokens_per_s", "logprob_abs_diff",
