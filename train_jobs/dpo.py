@@ -122,31 +122,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         "output": str(folder / "adapter")})
 
 
-def prepare(cfg: DPOJobConfig) -> DPOJobConfig:
-    """Absolute local paths (workers run elsewhere), the tiny models built if the config names them."""
-    from llm_platform.models.tiny import ensure_tiny_model
-    from llm_platform.training.outputs import absolute
-
-    ensure_tiny_model(cfg.model)
-    data = cfg.data.model_copy(update={"source": absolute(cfg.data.source)})
-    return cfg.model_copy(update={"model": absolute(cfg.model), "output_dir": absolute(cfg.output_dir, create=True),
-                                  "data": data})
-
-
-def check_inputs(cfg: DPOJobConfig) -> None:
-    """Fail in seconds, before any worker starts, on a wrong model path or dataset."""
-    from llm_platform.alignment.preference_training import check_chat_template
-    from llm_platform.alignment.preferences import load_pairs
-    from llm_platform.models.loading import load_tokenizer
-
-    check_chat_template(load_tokenizer(cfg.model), cfg.model)
-    for split in ("train", cfg.data.eval_split):
-        if not len(load_pairs(cfg.data, split)):
-            raise PlatformError(f"data.source {cfg.data.source}: the {split} split is empty")
-
-
 def main(cfg: DPOJobConfig) -> dict:
-    from llm_platform.alignment.preference_training import check_resumable
+    from llm_platform.alignment.preference_training import check_inputs, check_resumable, prepare
     from llm_platform.training.launch import fit, storage_for
     from llm_platform.training.outputs import local_dir, publish
 

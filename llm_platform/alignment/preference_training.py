@@ -125,6 +125,29 @@ def check_chat_template(tokenizer, model: str) -> None:
                             f"chat turns (use an instruct/chat model, or the tiny models, which have one)")
 
 
+def prepare(cfg):
+    """A reward or DPO job config with absolute local paths (workers run elsewhere), the tiny models
+    built if the config names them."""
+    from llm_platform.models.tiny import ensure_tiny_model
+    from llm_platform.training.outputs import absolute
+
+    ensure_tiny_model(cfg.model)
+    data = cfg.data.model_copy(update={"source": absolute(cfg.data.source)})
+    return cfg.model_copy(update={"model": absolute(cfg.model), "output_dir": absolute(cfg.output_dir, create=True),
+                                  "data": data})
+
+
+def check_inputs(cfg) -> None:
+    """Fail in seconds, before any worker starts, on a wrong model path or dataset."""
+    from llm_platform.alignment.preferences import load_pairs
+    from llm_platform.models.loading import load_tokenizer
+
+    check_chat_template(load_tokenizer(cfg.model), cfg.model)
+    for split in ("train", cfg.data.eval_split):
+        if not len(load_pairs(cfg.data, split)):
+            raise PlatformError(f"data.source {cfg.data.source}: the {split} split is empty")
+
+
 def check_resumable(storage: str, run_name: str, settings: dict) -> None:
     """A run name already in storage resumes from its last checkpoint (Ray Train restores it), but only
     with the same settings: resuming a different run from it would silently mix the two."""
