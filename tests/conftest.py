@@ -108,3 +108,27 @@ def engines(tiny_models, loop):
     yield get
     for engine in started.values():
         engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One real S3-compatible server (SeaweedFS) per session, reached through plain ``s3://`` URIs.
+
+    Its endpoint and keys are put in this process's environment (the standard AWS variables) for
+    the session, so pyarrow, Ray workers and subprocesses started by the tests find it as a user's
+    would find MinIO or Ceph; ``s3.uri(prefix)`` gives a fresh location in its bucket."""
+    import os
+
+    from tests.seaweedfs import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
