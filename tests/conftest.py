@@ -132,3 +132,23 @@ def s3(tmp_path_factory):
         else:
             os.environ[key] = value
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real two-node Ray cluster per session (see tests/ray_cluster.py): a head that does no work
+    and a worker node with private disks. Its nodes get no object-store variables: whatever reaches
+    S3 from the worker node must have been handed over the way an application does (runtime_env)."""
+    import os
+
+    from llm_platform.storage import STORAGE_ENV
+    from tests.ray_cluster import TwoNodeCluster
+
+    cluster = TwoNodeCluster(tmp_path_factory.mktemp("ray-cluster"))
+    for name in STORAGE_ENV:
+        cluster.env.pop(name, None)
+    cluster.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                              os.environ.get("PYTHONPATH")]))
+    cluster.start()
+    yield cluster
+    cluster.stop()
