@@ -19,6 +19,7 @@ from llm_platform.config import load_config
 from llm_platform.serving.config import ModelSpec, ServeConfig
 from llm_platform.serving.ingress import Ingress
 from llm_platform.serving.model_server import ModelServer
+from llm_platform.storage import storage_env
 
 SECRETS = ("LLMP_API_KEY", "LLMP_ADMIN_KEY")
 
@@ -29,15 +30,20 @@ def model_deployment(spec: ModelSpec, config: ServeConfig) -> Application:
     deployment = serve.deployment(ModelServer).options(
         name=f"model-{spec.id}", max_ongoing_requests=spec.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
-        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, **_env_vars(storage_env())},
         health_check_period_s=10, health_check_timeout_s=60, **scaling)
     return deployment.bind(spec.model_dump(), config.adapter_store, config.adapter_sync_s)
+
+
+def _env_vars(env: dict[str, str]) -> dict:
+    """Replicas may run on other nodes: they get the store's endpoint and keys as set here (see storage.py)."""
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def build(config: ServeConfig) -> Application:
     """The application graph: Ingress → {model id: ModelServer deployment}."""
     models = {spec.id: model_deployment(spec, config) for spec in config.models}
-    secrets = {k: os.environ[k] for k in SECRETS if os.environ.get(k)}
+    secrets = {**storage_env(), **{k: os.environ[k] for k in SECRETS if os.environ.get(k)}}
     ingress = Ingress.options(max_ongoing_requests=config.ingress_max_ongoing_requests,
                               ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": secrets}})
     return ingress.bind(models, [s.model_dump() for s in config.models], config.adapter_store,

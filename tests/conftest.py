@@ -108,3 +108,47 @@ def engines(tiny_models, loop):
     yield get
     for engine in started.values():
         engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One real S3-compatible server (SeaweedFS) per session, reached through plain ``s3://`` URIs.
+
+    Its endpoint and keys are put in this process's environment (the standard AWS variables) for
+    the session, so pyarrow, Ray workers and subprocesses started by the tests find it as a user's
+    would find MinIO or Ceph; ``s3.uri(prefix)`` gives a fresh location in its bucket."""
+    import os
+
+    from tests.seaweedfs import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real two-node Ray cluster per session (see tests/ray_cluster.py): a head that does no work
+    and a worker node with private disks. Its nodes get no object-store variables: whatever reaches
+    S3 from the worker node must have been handed over the way an application does (runtime_env)."""
+    import os
+
+    from llm_platform.storage import STORAGE_ENV
+    from tests.ray_cluster import TwoNodeCluster
+
+    cluster = TwoNodeCluster(tmp_path_factory.mktemp("ray-cluster"))
+    for name in STORAGE_ENV:
+        cluster.env.pop(name, None)
+    cluster.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                              os.environ.get("PYTHONPATH")]))
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -107,7 +107,7 @@ class AdapterRef:
     name: str
     kind: AdapterKind
     path: str
-    version: int = 0
+    version: int | str = 0
 
     @property
     def key(self) -> str:

@@ -164,7 +164,7 @@ class ModelServer:
         """Drop adapters the store replaced or deleted, once no request here uses them."""
         while True:
             await asyncio.sleep(self.sync_s)
-            current = {f"{e.model_id}@{e.version}" for e in (await asyncio.to_thread(self.store.manifest)).values()}
+            current = {e.key for e in (await asyncio.to_thread(self.store.manifest)).values()}
             for key, ref in list(self._refs.items()):
                 if key not in current and not self._inflight[key]:
                     del self._refs[key]
