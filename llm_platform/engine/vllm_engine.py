@@ -23,7 +23,7 @@ from safetensors import safe_open
 from llm_platform.engine.adapters import load_soft_prompt
 from llm_platform.engine.gate import KindGate
 from llm_platform.engine.protocol import AdapterRef, Chunk, Engine, EngineConfig, SamplingParams, new_request_id
-from llm_platform.errors import AdapterError, SamplingError
+from llm_platform.errors import AdapterError, EngineUnavailableError, SamplingError
 from llm_platform.models.loading import load_tokenizer, resolve_model
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -61,6 +61,7 @@ class VLLMEngine(Engine):
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
                      request_id: str | None = None) -> AsyncIterator[Chunk]:
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         lora_request, prompt, n_prompt = None, {"prompt_token_ids": prompt_ids}, len(prompt_ids)
         if adapter is not None and adapter.kind == "soft_prompt":
@@ -83,6 +84,8 @@ class VLLMEngine(Engine):
                     gated = None
                 for completion in output.outputs:
                     yield _chunk(completion, params.logprobs)
+        except EngineDeadError as exc:
+            raise EngineUnavailableError(f"the vLLM engine of {self.config.model} died: {exc}") from None
         finally:
             if gated:
                 await self._gate.release(gated)
@@ -96,6 +99,17 @@ class VLLMEngine(Engine):
     async def unload_adapter(self, adapter: AdapterRef) -> None:
         if self._soft_prompts.pop(adapter.key, None) is None and adapter.key in self._lora_ids:
             await self.llm.remove_lora(self._lora_ids.pop(adapter.key))
+
+    async def check_health(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            await self.llm.check_health()
+        except EngineDeadError as exc:
+            raise EngineUnavailableError(f"the vLLM engine of {self.config.model} died: {exc}") from None
+
+    def num_unfinished_requests(self) -> int:
+        return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
 
     def shutdown(self) -> None:
         if self.llm is not None:

@@ -3,7 +3,7 @@ and on each node's Prometheus endpoint (names prefixed ``ray_llmp_``)."""
 
 from __future__ import annotations
 
-from ray.util.metrics import Counter, Histogram
+from ray.util.metrics import Counter, Gauge, Histogram
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
@@ -17,6 +17,8 @@ class ServingMetrics:
                               boundaries=TTFT_BUCKETS, tag_keys=("model",))
         self.adapter_events = Counter("llmp_adapter_events", "Adapter loads, evictions and cache hits per replica",
                                       tag_keys=("model", "event"))
+        self.engine_unfinished = Gauge("llmp_engine_requests", "Requests the replica's engine holds (queued or running)",
+                                       tag_keys=("model",))
 
     def request(self, model: str, adapter_kind: str, status: str) -> None:
         self.requests.inc(1, {"model": model, "adapter_kind": adapter_kind, "status": status})
@@ -30,3 +32,6 @@ class ServingMetrics:
 
     def adapter(self, model: str, event: str) -> None:
         self.adapter_events.inc(1, {"model": model, "event": event})
+
+    def engine_requests(self, model: str, count: int) -> None:
+        self.engine_unfinished.set(count, {"model": model})
