@@ -56,6 +56,8 @@ class EngineConfig(FrozenConfig):
     """KV cache vLLM reserves on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."""
     seed: int = 0
     """Engine seed, used when a request gives none."""
+    served_name: str | None = None
+    """The model's name in vLLM's metrics (their model_name label); default: the model path."""
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

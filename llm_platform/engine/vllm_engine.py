@@ -35,6 +35,11 @@ class VLLMEngine(Engine):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        import ray
+
+        in_ray = ray.is_initialized()
+        if in_ray:
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
         self.config = config
         self.path = resolve_model(config.model)
         self._tokenizer = load_tokenizer(self.path)
@@ -45,8 +50,12 @@ class VLLMEngine(Engine):
             gpu_memory_utilization=config.gpu_memory_utilization, enable_lora=config.enable_lora,
             max_lora_rank=config.max_lora_rank if config.enable_lora else None,
             max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
-            enable_prompt_embeds=config.enable_soft_prompts, disable_log_stats=True)
-        self.llm = AsyncLLM.from_engine_args(args)
+            enable_prompt_embeds=config.enable_soft_prompts, disable_log_stats=not in_ray,
+            served_model_name=config.served_name)
+        # Inside Ray (a Serve replica, a rollout actor) vLLM's engine statistics (queue, running and waiting
+        # requests, TTFT, inter-token latency, KV cache use) are exported through Ray's metrics agent, beside
+        # Serve's and the platform's, labelled with the served model id.
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger] if in_ray else None)
         self._embeddings = _read_input_embeddings(self.path) if config.enable_soft_prompts else None
         self._soft_prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lora_ids: OrderedDict[str, int] = OrderedDict()

@@ -77,6 +77,13 @@ _GUARD: Guard | None = None
 """Set by this process's Ingress replica; the middleware (built by Starlette) reads it."""
 
 
+def install_guard(guard: Guard) -> None:
+    """Set :data:`_GUARD`. A function of this module, so that it is pickled by reference: Serve pickles the
+    decorated Ingress class by value, with a copy of this module's globals that the middleware never sees."""
+    global _GUARD
+    _GUARD = guard
+
+
 class GuardMiddleware:
     """Pure ASGI: authenticate from the headers, then read the body up to the size limit and replay it."""
 
@@ -84,8 +91,11 @@ class GuardMiddleware:
         self.app = asgi_app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or _GUARD is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if _GUARD is None:  # fail closed: no replica state yet means no key to check against
+            return await APIError(503, "the server is starting; retry later", code="unavailable",
+                                  retry_after_s=1).response()(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             variable = _GUARD.variable_for(scope["path"])
@@ -170,7 +180,6 @@ class Ingress:
     def __init__(self, models: dict, specs: list[dict], store_uri: str, sync_s: float = 1.0,
                  secrets: Secrets | None = None, adapter_sources: list[str] | None = None,
                  allow_unauthenticated_admin: bool = False, limits: dict | None = None):
-        global _GUARD
         self.models = models
         self.specs = {s["id"]: ModelSpec.model_validate(s) for s in specs}
         self.store_uri = store_uri
@@ -180,7 +189,8 @@ class Ingress:
         self.secrets.export("HF_TOKEN")  # hub bases' config.json, when gated
         self.sources = AdapterSources(adapter_sources or [])
         self.limits = Limits.model_validate(limits or {})
-        self.guard = _GUARD = Guard(self.secrets, allow_unauthenticated_admin, self.limits.max_request_bytes)
+        self.guard = Guard(self.secrets, allow_unauthenticated_admin, self.limits.max_request_bytes)
+        install_guard(self.guard)
         if allow_unauthenticated_admin and "LLMP_ADMIN_KEY" not in self.secrets:
             logger.warning("allow_unauthenticated_admin: anyone who reaches this server can register and delete "
                            "adapters. Set LLMP_ADMIN_KEY outside local experiments.")

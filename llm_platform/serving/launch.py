@@ -49,7 +49,7 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
 
 def monitoring_lines(context, metrics_port: int | None) -> list[str]:
     """Where an operator looks: the Ray dashboard (Serve view), Prometheus metrics, the Grafana dashboard JSON."""
-    from llm_platform.serving.monitoring import dashboard_json_path
+    from llm_platform.serving.monitoring import write_dashboard
 
     lines = []
     dashboard = getattr(context, "dashboard_url", None)
@@ -59,5 +59,9 @@ def monitoring_lines(context, metrics_port: int | None) -> list[str]:
         lines.append(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics (ray_llmp_*, ray_vllm_*)")
     else:
         lines.append("Prometheus metrics: on each Ray node's metrics export port (ray_llmp_*, ray_vllm_*)")
-    lines.append(f"Grafana dashboard JSON: {dashboard_json_path()} (Grafana: Dashboards > New > Import)")
+    try:
+        lines.append(f"Grafana dashboard JSON: {write_dashboard()} (Grafana: Dashboards > New > Import)")
+    except Exception as exc:  # joined a remote cluster: no local session folder
+        lines.append(f"Grafana dashboard JSON: not written ({exc}); `python -c 'from llm_platform.serving."
+                     f"monitoring import write_dashboard; print(write_dashboard(\".\"))'` writes it here")
     return lines

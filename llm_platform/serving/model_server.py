@@ -62,7 +62,7 @@ class ModelServer:
         self.spec = ModelSpec.model_validate(spec)
         self.model_id = self.spec.id
         (secrets or Secrets()).export("HF_TOKEN")  # hub weights of gated models; vLLM's workers inherit it
-        self.engine = build_engine(self.spec.engine)
+        self.engine = build_engine(self.spec.engine.model_copy(update={"served_name": self.spec.id}))
         self.tokenizer = self.engine.tokenizer
         self.store_uri = store_uri
         self._store: AdapterStore | None = None  # opened on first use: the base serves while the store is away
@@ -135,6 +135,7 @@ class ModelServer:
         self._start_sync()
         adapter = await asyncio.to_thread(self._store_ref, request.adapter) if request.adapter else None
         kind, status = (adapter.kind if adapter else "base"), "error"
+        name = request.adapter.name if request.adapter else ""
         start, first, produced = time.perf_counter(), True, 0
         if adapter is not None:
             await self._hold(adapter)
@@ -142,14 +143,18 @@ class ModelServer:
             ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._prompt_ids, request)
             async for chunk in self.engine.stream(ids, request.sampling, adapter):
                 if first:
-                    self.metrics.first_token(self.model_id, time.perf_counter() - start)
+                    self.metrics.first_token(self.model_id, time.perf_counter() - start, adapter=name)
                     first = False
                 produced += len(chunk.token_ids)
                 yield ids, chunk
             status = "ok"
+        except (asyncio.CancelledError, GeneratorExit):  # the client left
+            status = "cancelled"
+            raise
         finally:
-            self.metrics.tokens(self.model_id, produced)
-            self.metrics.request(self.model_id, kind, status)
+            self.metrics.tokens(self.model_id, produced, adapter=name)
+            self.metrics.request(self.model_id, kind, status, adapter=name)
+            self.metrics.latency(self.model_id, time.perf_counter() - start, status, adapter=name)
             if adapter is not None:
                 await self._release(adapter)
 
