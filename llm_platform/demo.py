@@ -143,7 +143,9 @@ def serve_and_ask(sft_model: Path, adapter: Path, reward: Path, workdir: Path) -
     from llm_platform.serving.process import ServerProcess
     from llm_platform.training.outputs import register_adapter
 
-    config = {"adapter_store": str(workdir.resolve() / "store"), "models": [
+    # A local, loopback-only server: admin left open (logged), adapters only from the demo's own folder.
+    config = {"adapter_store": str(workdir.resolve() / "store"), "allow_unauthenticated_admin": True,
+              "adapter_sources": [str(adapter.resolve().parents[1])], "models": [
         {"id": "tiny-s-chat", "engine": {"model": str(sft_model.resolve()), "kind": "vllm", "max_model_len": 512}}]}
     server = ServerProcess(config, workdir)
     print(f"serving the SFT model as tiny-s-chat on {server.url}", flush=True)

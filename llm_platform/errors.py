@@ -31,3 +31,7 @@ class SamplingError(PlatformError, ValueError):
 
     def __reduce__(self):  # picklable, so the error survives the trip from a Ray replica
         return SamplingError, (self.param, self.message)
+
+
+class EngineUnavailableError(PlatformError, RuntimeError):
+    """The inference engine died (its process crashed or was killed); the replica holding it must be replaced."""

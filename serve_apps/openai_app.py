@@ -9,7 +9,6 @@ config file (`applications: - import_path: serve_apps.openai_app:build_app, args
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ray import serve
@@ -19,35 +18,35 @@ from llm_platform.config import load_config
 from llm_platform.serving.config import ModelSpec, ServeConfig
 from llm_platform.serving.ingress import Ingress
 from llm_platform.serving.model_server import ModelServer
-from llm_platform.storage import storage_env
-
-SECRETS = ("LLMP_API_KEY", "LLMP_ADMIN_KEY")
+from llm_platform.serving.secrets import Secrets
 
 
-def model_deployment(spec: ModelSpec, config: ServeConfig) -> Application:
+def model_deployment(spec: ModelSpec, config: ServeConfig, secrets: Secrets | None = None) -> Application:
     scaling = {"autoscaling_config": spec.autoscaling.model_dump()} if spec.autoscaling else \
         {"num_replicas": spec.num_replicas}
     deployment = serve.deployment(ModelServer).options(
         name=f"model-{spec.id}", max_ongoing_requests=spec.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
-        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, **_env_vars(storage_env())},
-        health_check_period_s=10, health_check_timeout_s=60, **scaling)
-    return deployment.bind(spec.model_dump(), config.adapter_store, config.adapter_sync_s)
+        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+        health_check_period_s=config.health_check_period_s, health_check_timeout_s=30, **scaling)
+    return deployment.bind(spec.model_dump(), config.adapter_store, config.adapter_sync_s, secrets)
 
 
-def _env_vars(env: dict[str, str]) -> dict:
-    """Replicas may run on other nodes: they get the store's endpoint and keys as set here (see storage.py)."""
-    return {"runtime_env": {"env_vars": env}} if env else {}
+def build(config: ServeConfig, secrets: Secrets | None = None) -> Application:
+    """The application graph: Ingress → {model id: ModelServer deployment}.
 
-
-def build(config: ServeConfig) -> Application:
-    """The application graph: Ingress → {model id: ModelServer deployment}."""
-    models = {spec.id: model_deployment(spec, config) for spec in config.models}
-    secrets = {**storage_env(), **{k: os.environ[k] for k in SECRETS if os.environ.get(k)}}
+    Keys (LLMP_API_KEY, LLMP_ADMIN_KEY, HF_TOKEN, the storage variables of llm_platform.storage,
+    or their *_FILE forms) are read here and passed as constructor arguments: a runtime_env's
+    env_vars would show them in Ray's dashboard. Replicas on other nodes export the storage ones."""
+    secrets = Secrets.from_environment() if secrets is None else secrets
+    models = {spec.id: model_deployment(spec, config, secrets) for spec in config.models}
     ingress = Ingress.options(max_ongoing_requests=config.ingress_max_ongoing_requests,
-                              ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": secrets}})
+                              max_queued_requests=config.max_queued_requests,
+                              ray_actor_options={"num_cpus": 0})
     return ingress.bind(models, [s.model_dump() for s in config.models], config.adapter_store,
-                        config.adapter_sync_s)
+                        config.adapter_sync_s, secrets=secrets, adapter_sources=list(config.adapter_sources),
+                        allow_unauthenticated_admin=config.allow_unauthenticated_admin,
+                        limits=config.limits.model_dump())
 
 
 def build_app(args: dict) -> Application:
@@ -66,7 +65,8 @@ def prepare(config: ServeConfig) -> ServeConfig:
     models = [spec.model_copy(update={"engine": spec.engine.model_copy(update={"model": _absolute(spec.engine.model)})})
               for spec in config.models]
     store = config.adapter_store if "://" in config.adapter_store else str(Path(config.adapter_store).resolve())
-    return config.model_copy(update={"models": models, "adapter_store": store})
+    sources = [s if "://" in s else str(Path(s).expanduser().resolve()) for s in config.adapter_sources]
+    return config.model_copy(update={"models": models, "adapter_store": store, "adapter_sources": sources})
 
 
 def _absolute(name: str) -> str:

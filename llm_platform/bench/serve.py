@@ -157,7 +157,8 @@ def run(models_dir: str, clients: list[int], workdir: str | None = None) -> dict
     runs += asyncio.run(bench_engine("vllm", base, clients, requests_for))
     print("[3/3] the platform over HTTP (Ray Serve)", flush=True)
     server = ServerProcess({
-        "adapter_store": str(work / "store"),
+        "adapter_store": str(work / "store"), "allow_unauthenticated_admin": True,
+        "adapter_sources": [str((work / "adapters").resolve())],
         "models": [{"id": "tiny-l", "num_cpus": 1, "max_adapters": mixed, "max_ongoing_requests": 256,
                     "engine": {"model": base, "kind": "vllm", "max_model_len": 1024, "max_loras": mixed,
                                "max_cpu_loras": 2 * mixed}}]}, work)

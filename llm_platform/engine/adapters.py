@@ -4,7 +4,10 @@ An adapter is a PEFT folder: ``adapter_config.json`` plus ``adapter_model.safete
 LoRA adapters are served as LoRA; prompt-tuning adapters as soft prompts. Both are
 checked here, tensor shape by tensor shape, so a mismatch is reported as "q_proj
 expects 256 inputs, adapter has 128" rather than as a failure inside vLLM.
-Pickled weights (``adapter_model.bin``) are refused: unpickling runs code.
+Pickled weights (``adapter_model.bin``) are refused: unpickling runs code. The fields
+of ``adapter_config.json`` that vLLM and PEFT read are type-checked (pydantic), and
+every tensor must be a finite floating-point one: an adapter holding NaN or Inf would
+turn every answer it serves into garbage without any error.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -24,7 +28,38 @@ from llm_platform.errors import AdapterError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_KINDS = {"LORA": "lora", "PROMPT_TUNING": "soft_prompt"}
+FLOAT_DTYPES = {"F16", "BF16", "F32"}
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
+
+
+class _PeftFields(BaseModel):
+    """The fields every PEFT config has that serving reads (strict: "r": "8" is refused, not coerced)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    peft_type: str
+    base_model_name_or_path: str | None = None
+
+
+class _LoraFields(_PeftFields):
+    """What vLLM's PEFTHelper reads, typed; features it cannot serve are refused here rather than in vLLM."""
+
+    r: int = Field(ge=1)
+    lora_alpha: float
+    target_modules: list[str] | str | None
+    use_rslora: bool = False
+    use_dora: bool | None = False
+    lora_bias: bool | None = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    layer_replication: list | None = None
+
+
+class _PromptTuningFields(_PeftFields):
+    num_virtual_tokens: int | None = Field(None, ge=1)
+    num_transformer_submodules: int | None = Field(None, ge=1)
+    token_dim: int | None = Field(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -39,20 +74,26 @@ class AdapterInfo:
 
 
 def inspect_adapter(path: str | Path, base_config: PretrainedConfig, max_rank: int = 64,
-                    expected_kind: AdapterKind | None = None) -> AdapterInfo:
+                    expected_kind: AdapterKind | None = None,
+                    max_soft_prompt_tokens: int | None = None) -> AdapterInfo:
     """Validate the adapter at ``path`` against ``base_config``; raise :class:`AdapterError` if unfit."""
     folder = Path(path)
     peft_config = _read_peft_config(folder)
-    kind = PEFT_KINDS.get(str(peft_config.get("peft_type", "")).upper())
+    peft_type = peft_config.get("peft_type", "")
+    kind = PEFT_KINDS.get(peft_type.upper()) if isinstance(peft_type, str) else None
     if kind is None:
-        raise AdapterError(f"adapter {folder}: peft_type {peft_config.get('peft_type')!r} is not supported; "
+        raise AdapterError(f"adapter {folder}: peft_type {peft_type!r} is not supported; "
                            f"expected LORA or PROMPT_TUNING")
     if expected_kind is not None and kind != expected_kind:
         raise AdapterError(f"adapter {folder} is a {kind} adapter, not {expected_kind}")
+    fields = _typed_fields(folder, peft_config, _LoraFields if kind == "lora" else _PromptTuningFields)
     shapes = _tensor_shapes(folder)
     if kind == "lora":
-        return _check_lora(folder, peft_config, shapes, base_config, max_rank)
-    return _check_soft_prompt(folder, peft_config, shapes, base_config)
+        info = _check_lora(folder, fields, shapes, base_config, max_rank)
+    else:
+        info = _check_soft_prompt(folder, fields, shapes, base_config, max_soft_prompt_tokens)
+    _check_finite(folder)
+    return info
 
 
 def load_soft_prompt(path: str | Path) -> torch.Tensor:
@@ -80,17 +121,55 @@ def _read_peft_config(folder: Path) -> dict:
     return config
 
 
+def _typed_fields(folder: Path, peft_config: dict, model: type[_PeftFields]):
+    try:
+        fields = model.model_validate(peft_config)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise AdapterError(f"adapter {folder}: {CONFIG_FILE} field {where!r}: {first['msg']} "
+                           f"(got {first.get('input')!r})") from None
+    if isinstance(fields, _LoraFields):
+        unsupported = [name for name, on in [("use_dora", fields.use_dora), ("lora_bias", fields.lora_bias),
+                                             ("bias", fields.bias != "none"), ("modules_to_save", fields.modules_to_save),
+                                             ("layer_replication", fields.layer_replication)] if on]
+        if unsupported:
+            raise AdapterError(f"adapter {folder}: {CONFIG_FILE} sets {', '.join(unsupported)}, which vLLM cannot "
+                               f"serve (plain LoRA only)")
+        if not torch.isfinite(torch.tensor(fields.lora_alpha)):
+            raise AdapterError(f"adapter {folder}: {CONFIG_FILE} field 'lora_alpha' must be finite")
+    return fields
+
+
 def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     try:
         with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            slices = {key: f.get_slice(key) for key in f.keys()}
+            dtypes = {key: s.get_dtype() for key, s in slices.items()}
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"adapter {folder}: {WEIGHTS_FILE} is corrupt or unreadable ({exc})") from None
+    wrong = {key: dtype for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES}
+    if wrong:
+        key, dtype = next(iter(wrong.items()))
+        raise AdapterError(f"adapter {folder}: tensor {key!r} has dtype {dtype}; adapters hold "
+                           f"{', '.join(sorted(FLOAT_DTYPES))} weights")
+    return shapes
 
 
-def _check_lora(folder: Path, peft_config: dict, shapes: dict, base_config: PretrainedConfig,
+def _check_finite(folder: Path) -> None:
+    """Every weight finite; tensors are read one at a time (sizes were bounded before this runs)."""
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise AdapterError(f"adapter {folder}: tensor {key!r} holds {bad} NaN or infinite values")
+
+
+def _check_lora(folder: Path, fields: _LoraFields, shapes: dict, base_config: PretrainedConfig,
                 max_rank: int) -> AdapterInfo:
-    rank = int(peft_config.get("r", 0))
+    rank = fields.r
     if not 1 <= rank <= max_rank:
         raise AdapterError(f"adapter {folder}: LoRA rank {rank} is outside 1..{max_rank} (the configured maximum)")
     linears = _base_linear_shapes(base_config)
@@ -112,19 +191,23 @@ def _check_lora(folder: Path, peft_config: dict, shapes: dict, base_config: Pret
         modules.add(module.rsplit(".", 1)[-1])
     if not modules:
         raise AdapterError(f"adapter {folder}: holds no LoRA weights")
-    return AdapterInfo("lora", rank, tuple(sorted(modules)), None, peft_config.get("base_model_name_or_path"))
+    return AdapterInfo("lora", rank, tuple(sorted(modules)), None, fields.base_model_name_or_path)
 
 
-def _check_soft_prompt(folder: Path, peft_config: dict, shapes: dict, base_config: PretrainedConfig) -> AdapterInfo:
+def _check_soft_prompt(folder: Path, fields: _PromptTuningFields, shapes: dict, base_config: PretrainedConfig,
+                       max_tokens: int | None) -> AdapterInfo:
     if "prompt_embeddings" not in shapes:
         raise AdapterError(f"adapter {folder}: a prompt-tuning adapter must hold 'prompt_embeddings'")
     tokens, hidden = (shapes["prompt_embeddings"] + (0, 0))[:2]
     if len(shapes["prompt_embeddings"]) != 2 or hidden != base_config.hidden_size:
         raise AdapterError(f"adapter {folder}: soft prompt has shape {list(shapes['prompt_embeddings'])}, the base "
                            f"needs [num_virtual_tokens, {base_config.hidden_size}]")
-    if int(peft_config.get("num_transformer_submodules") or 1) != 1:
+    if (fields.num_transformer_submodules or 1) != 1:
         raise AdapterError(f"adapter {folder}: only decoder-only soft prompts can be served")
-    return AdapterInfo("soft_prompt", None, (), tokens, peft_config.get("base_model_name_or_path"))
+    if max_tokens is not None and tokens > max_tokens:
+        raise AdapterError(f"adapter {folder}: soft prompt has {tokens} virtual tokens; at most {max_tokens} are "
+                           f"accepted (limits.max_soft_prompt_tokens)")
+    return AdapterInfo("soft_prompt", None, (), tokens, fields.base_model_name_or_path)
 
 
 _LINEAR_CACHE: dict[str, dict[str, tuple[int, int]]] = {}

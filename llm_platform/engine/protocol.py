@@ -56,6 +56,8 @@ class EngineConfig(FrozenConfig):
     """KV cache vLLM reserves on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."""
     seed: int = 0
     """Engine seed, used when a request gives none."""
+    served_name: str | None = None
+    """The model's name in vLLM's metrics (their model_name label); default: the model path."""
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
@@ -90,6 +92,7 @@ class SamplingParams:
             ("n", self.n == 1 or self.temperature > 0, "must be 1 when temperature is 0 (greedy has one answer)"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be between 0 and 20"),
             ("stop", len(self.stop) <= 4 and all(self.stop), "at most 4 non-empty strings"),
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "must fit in a signed 64-bit integer"),
         ]
         for param, ok, message in checks:
             if not ok:
@@ -182,6 +185,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Release the engine's processes and memory."""
+
+    async def check_health(self) -> None:
+        """Raise :class:`EngineUnavailableError` if the engine can no longer serve (an in-process one always can)."""
+
+    def num_unfinished_requests(self) -> int:
+        """Requests the engine holds now (queued or running); 0 where the engine does not keep count."""
+        return 0
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of ``prompt``: text is tokenized with the model's special tokens (BOS)."""

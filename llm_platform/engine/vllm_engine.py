@@ -23,7 +23,7 @@ from safetensors import safe_open
 from llm_platform.engine.adapters import load_soft_prompt
 from llm_platform.engine.gate import KindGate
 from llm_platform.engine.protocol import AdapterRef, Chunk, Engine, EngineConfig, SamplingParams, new_request_id
-from llm_platform.errors import AdapterError, SamplingError
+from llm_platform.errors import AdapterError, EngineUnavailableError, SamplingError
 from llm_platform.models.loading import load_tokenizer, resolve_model
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -35,6 +35,11 @@ class VLLMEngine(Engine):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        import ray
+
+        in_ray = ray.is_initialized()
+        if in_ray:
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
         self.config = config
         self.path = resolve_model(config.model)
         self._tokenizer = load_tokenizer(self.path)
@@ -45,8 +50,12 @@ class VLLMEngine(Engine):
             gpu_memory_utilization=config.gpu_memory_utilization, enable_lora=config.enable_lora,
             max_lora_rank=config.max_lora_rank if config.enable_lora else None,
             max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
-            enable_prompt_embeds=config.enable_soft_prompts, disable_log_stats=True)
-        self.llm = AsyncLLM.from_engine_args(args)
+            enable_prompt_embeds=config.enable_soft_prompts, disable_log_stats=not in_ray,
+            served_model_name=config.served_name)
+        # Inside Ray (a Serve replica, a rollout actor) vLLM's engine statistics (queue, running and waiting
+        # requests, TTFT, inter-token latency, KV cache use) are exported through Ray's metrics agent, beside
+        # Serve's and the platform's, labelled with the served model id.
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger] if in_ray else None)
         self._embeddings = _read_input_embeddings(self.path) if config.enable_soft_prompts else None
         self._soft_prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lora_ids: OrderedDict[str, int] = OrderedDict()
@@ -61,6 +70,7 @@ class VLLMEngine(Engine):
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
                      request_id: str | None = None) -> AsyncIterator[Chunk]:
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         lora_request, prompt, n_prompt = None, {"prompt_token_ids": prompt_ids}, len(prompt_ids)
         if adapter is not None and adapter.kind == "soft_prompt":
@@ -83,6 +93,8 @@ class VLLMEngine(Engine):
                     gated = None
                 for completion in output.outputs:
                     yield _chunk(completion, params.logprobs)
+        except EngineDeadError as exc:
+            raise EngineUnavailableError(f"the vLLM engine of {self.config.model} died: {exc}") from None
         finally:
             if gated:
                 await self._gate.release(gated)
@@ -96,6 +108,17 @@ class VLLMEngine(Engine):
     async def unload_adapter(self, adapter: AdapterRef) -> None:
         if self._soft_prompts.pop(adapter.key, None) is None and adapter.key in self._lora_ids:
             await self.llm.remove_lora(self._lora_ids.pop(adapter.key))
+
+    async def check_health(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            await self.llm.check_health()
+        except EngineDeadError as exc:
+            raise EngineUnavailableError(f"the vLLM engine of {self.config.model} died: {exc}") from None
+
+    def num_unfinished_requests(self) -> int:
+        return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
 
     def shutdown(self) -> None:
         if self.llm is not None:

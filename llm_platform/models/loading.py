@@ -41,7 +41,19 @@ def resolve_model(name: str) -> str:
 
 
 def load_model_config(name: str) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(resolve_model(name))
+    """The model's config alone: for a hub id only ``config.json`` is downloaded, never the weights
+    (what :func:`resolve_model` would fetch: 140 GB for a 70B model, just to read its shape)."""
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith(("/", ".", "~")) or not HUB_ID.match(name):
+        return AutoConfig.from_pretrained(resolve_model(name))
+    from huggingface_hub import hf_hub_download
+
+    try:  # HF_TOKEN, for gated models, is read from the environment by huggingface_hub
+        config_file = hf_hub_download(name, "config.json")
+    except Exception as exc:
+        raise ModelNotFoundError(f"cannot fetch config.json of hub model {name!r}: {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}. Without network, use a local checkpoint folder.") from None
+    return AutoConfig.from_pretrained(str(Path(config_file).parent))
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

@@ -43,6 +43,18 @@ class ModelSpec(FrozenConfig):
         return self
 
 
+class Limits(FrozenConfig):
+    """Bounds on what one client can make the server read, copy or hold."""
+
+    max_request_bytes: int = Field(8 * 2**20, ge=1024)
+    """Largest request body accepted (413 above it); checked before the body is parsed."""
+    max_adapter_bytes: int = Field(2 * 2**30, ge=1)
+    """Largest adapter file (adapter_config.json, adapter_model.safetensors) copied at registration.
+    A rank-64 LoRA on every linear layer of a 70B model is about 1.7 GB in bfloat16."""
+    max_soft_prompt_tokens: int = Field(512, ge=1)
+    """Most virtual tokens a soft prompt may have (it is prepended to every prompt it serves)."""
+
+
 class ServeConfig(FrozenConfig):
     models: list[ModelSpec] = Field(min_length=1)
     """The base models served."""
@@ -59,6 +71,17 @@ class ServeConfig(FrozenConfig):
     (Serve's default of 5 would cap the whole endpoint at 5 concurrent requests)."""
     max_queued_requests: int = Field(256, ge=-1)
     """Requests waiting for a replica before new ones get 503 (-1: unbounded)."""
+    adapter_sources: list[str] = []
+    """Where adapters may be registered from: local folders (a source must lie inside one) and
+    object-store URI prefixes (``s3://bucket/prefix``). A prefix may carry the store's options
+    (``?endpoint_override=host:port&scheme=http``); a source may not (the server would call any
+    host a client names). Empty: every registration is refused."""
+    allow_unauthenticated_admin: bool = False
+    """Let anyone who reaches the port register and delete adapters when no LLMP_ADMIN_KEY is set.
+    For local experiments only; logged as a warning at start. Otherwise admin routes answer 403."""
+    limits: Limits = Limits()
+    health_check_period_s: float = Field(5.0, gt=0)
+    """How often Serve asks each model replica whether its engine is alive (a dead one is replaced)."""
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ServeConfig:

@@ -4,35 +4,136 @@ The ingress holds no model. It validates requests (pydantic), resolves the model
 (``BASE`` or ``BASE:ADAPTER``) against the deployments and the adapter store, and
 forwards to the base model's deployment with the adapter's versioned key as Serve's
 multiplexed model id. Every failure leaves as an OpenAI-shaped error body.
+
+Closed by default: keys are checked (in constant time) by an ASGI middleware before any
+body is read or parsed; adapter administration answers 403 unless an admin key is set
+(or the config explicitly opens it); OpenAPI docs are off. Health is answered from
+Serve's own view of the replicas (polled in the background), never through the
+models' request queues.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
+import logging
 import shutil
 import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from pyarrow.fs import FileType
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from llm_platform.engine.adapters import inspect_adapter
-from llm_platform.errors import AdapterError, SamplingError
+from llm_platform.errors import AdapterError, EngineUnavailableError, SamplingError
 from llm_platform.models.loading import load_model_config
-from llm_platform.serving.adapter_store import AdapterStore, StoredAdapter, fetch_folder, open_filesystem
-from llm_platform.serving.config import ModelSpec
+from llm_platform.serving.adapter_store import AdapterStore, StoredAdapter
+from llm_platform.serving.config import Limits, ModelSpec
 from llm_platform.serving.errors import APIError
 from llm_platform.serving.model_server import GenerateRequest
 from llm_platform.serving.protocol import AdapterRegistration, ChatRequest, CompletionRequest
+from llm_platform.serving.secrets import Secrets
+from llm_platform.storage import STORAGE_ENV
+from llm_platform.serving.sources import AdapterSources
 
-HEALTH_TIMEOUT_S = 10.0
-app = FastAPI(title="llm-platform", description="OpenAI-compatible serving with hot-swapped adapters")
+logger = logging.getLogger("ray.serve")
+STATUS_REFRESH_S = 1.0
+RETRY_AFTER_S = 5.0
+"""What a 503 tells clients to wait when a replica restarts or the adapter store is away."""
+PUBLIC_PATHS = ("/healthz", "/health")
+ADMIN_PREFIX = "/v1/adapters"
+app = FastAPI(title="llm-platform", description="OpenAI-compatible serving with hot-swapped adapters",
+              docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class Guard:
+    """Who may call what, and how big a body may be: decided before anything reads the body."""
+
+    def __init__(self, secrets: Secrets, allow_unauthenticated_admin: bool, max_request_bytes: int):
+        self.secrets, self.open_admin, self.max_request_bytes = secrets, allow_unauthenticated_admin, max_request_bytes
+
+    def check(self, variable: str, authorization: str | None) -> None:
+        """Raise the APIError a request with this ``Authorization`` header gets for a route guarded by ``variable``."""
+        if variable == "LLMP_ADMIN_KEY" and variable not in self.secrets and not self.open_admin:
+            raise APIError(403, "adapter administration is disabled: no LLMP_ADMIN_KEY is configured on the server "
+                                "(allow_unauthenticated_admin: true opens it, for local experiments only)",
+                           code="admin_disabled")
+        if variable in self.secrets and not self.secrets.bearer_matches(variable, authorization):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                           code="invalid_api_key")
+
+    def variable_for(self, path: str) -> str | None:
+        if path in PUBLIC_PATHS:
+            return None
+        if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+            return "LLMP_ADMIN_KEY"
+        return "LLMP_API_KEY"
+
+
+_GUARD: Guard | None = None
+"""Set by this process's Ingress replica; the middleware (built by Starlette) reads it."""
+
+
+def install_guard(guard: Guard) -> None:
+    """Set :data:`_GUARD`. A function of this module, so that it is pickled by reference: Serve pickles the
+    decorated Ingress class by value, with a copy of this module's globals that the middleware never sees."""
+    global _GUARD
+    _GUARD = guard
+
+
+class GuardMiddleware:
+    """Pure ASGI: authenticate from the headers, then read the body up to the size limit and replay it."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if _GUARD is None:  # fail closed: no replica state yet means no key to check against
+            return await APIError(503, "the server is starting; retry later", code="unavailable",
+                                  retry_after_s=1).response()(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            variable = _GUARD.variable_for(scope["path"])
+            if variable is not None:
+                _GUARD.check(variable, headers.get("authorization"))
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > _GUARD.max_request_bytes:
+                raise self._too_large()
+            body, more = bytearray(), True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left before sending its body
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > _GUARD.max_request_bytes:
+                    raise self._too_large()
+        except APIError as exc:
+            return await exc.response()(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _too_large() -> APIError:
+        return APIError(413, f"request body is larger than {_GUARD.max_request_bytes} bytes "
+                             f"(limits.max_request_bytes)", code="request_too_large")
+
+
+app.add_middleware(GuardMiddleware)
 
 
 @app.exception_handler(APIError)
@@ -52,12 +153,22 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 def _as_api_error(exc: Exception) -> APIError:
     """Errors raised in a model replica (they arrive wrapped by Ray) as HTTP errors."""
+    from jinja2 import TemplateError
+
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, BackPressureError):
-        return APIError(503, "the model is overloaded; retry later", code="overloaded")
+        return APIError(503, "the model is overloaded; retry later", code="overloaded",
+                        retry_after_s=getattr(exc, "retry_after_s", None) or 1)
+    if isinstance(exc, (EngineUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError,
+                        DeploymentUnavailableError)):
+        return APIError(503, "the model's replica failed and is being replaced; retry later", code="unavailable",
+                        retry_after_s=RETRY_AFTER_S)
     if isinstance(exc, SamplingError):
         return APIError(400, f"{exc.param}: {exc.message}", param=exc.param)
+    if isinstance(exc, TemplateError):
+        return APIError(400, f"messages: the model's chat template refused them: {exc}", param="messages",
+                        code="chat_template_error")
     if isinstance(exc, AdapterError):
         return APIError(422, str(exc), code="invalid_adapter")
     return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
@@ -67,15 +178,29 @@ def _as_api_error(exc: Exception) -> APIError:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, models: dict, specs: list[dict], store_uri: str, sync_s: float = 1.0):
+    def __init__(self, models: dict, specs: list[dict], store_uri: str, sync_s: float = 1.0,
+                 secrets: Secrets | None = None, adapter_sources: list[str] | None = None,
+                 allow_unauthenticated_admin: bool = False, limits: dict | None = None):
         self.models = models
         self.specs = {s["id"]: ModelSpec.model_validate(s) for s in specs}
-        self.store = AdapterStore(store_uri)
+        self.store_uri = store_uri
+        self._store: AdapterStore | None = None
         self.sync_s = sync_s
+        self.secrets = secrets or Secrets()
+        self.secrets.export("HF_TOKEN", *STORAGE_ENV)  # gated hub configs; an s3:// store from any node
+        self.sources = AdapterSources(adapter_sources or [])
+        self.limits = Limits.model_validate(limits or {})
+        self.guard = Guard(self.secrets, allow_unauthenticated_admin, self.limits.max_request_bytes)
+        install_guard(self.guard)
+        if allow_unauthenticated_admin and "LLMP_ADMIN_KEY" not in self.secrets:
+            logger.warning("allow_unauthenticated_admin: anyone who reaches this server can register and delete "
+                           "adapters. Set LLMP_ADMIN_KEY outside local experiments.")
         self._manifest: dict[str, StoredAdapter] = {}
         self._manifest_at = 0.0
         self._write_lock = asyncio.Lock()
         self._configs = {}
+        self._running: dict[str, int] | None = None  # model id -> replicas Serve reports RUNNING
+        self._status_task: asyncio.Task | None = None
 
     # -- inference -------------------------------------------------------------------------
 
@@ -96,20 +221,60 @@ class Ingress:
         created = int(time.time())
         data = [{"id": mid, "object": "model", "created": created, "owned_by": "llm-platform", "kind": "base",
                  "parent": None} for mid in self.specs]
-        data += [self._adapter_card(e) for e in self._adapters().values() if e.base in self.specs]
+        data += [self._adapter_card(e) for e in self._known_adapters().values() if e.base in self.specs]
         return {"object": "list", "data": data}
 
     @app.get("/healthz")
     async def healthz(self):
-        """200 once every model deployment answers; 503 while engines start or replicas are saturated."""
-        async def ping(handle):
-            return await handle.ready.remote()
+        """200 while every model has a running replica; 503 (with Retry-After) while one starts or is replaced.
 
-        try:
-            await asyncio.wait_for(asyncio.gather(*(ping(h) for h in self.models.values())), HEALTH_TIMEOUT_S)
-        except Exception:
-            raise APIError(503, "models are starting or overloaded; retry later", code="unavailable") from None
+        Answered from Serve's controller state, polled every second in the background: never
+        through a model's request queue, so it stays fast under load."""
+        waiting = [mid for mid, n in (await self._replicas()).items() if n < 1]
+        if waiting:
+            raise APIError(503, f"models starting or being replaced: {', '.join(waiting)}; retry later",
+                           code="unavailable", retry_after_s=RETRY_AFTER_S)
         return {"status": "ok", "models": sorted(self.specs)}
+
+    @app.get("/health")
+    async def health(self):
+        """vLLM's health route: the same answer as /healthz."""
+        return await self.healthz()
+
+    async def _replicas(self) -> dict[str, int]:
+        self._watch()
+        if self._running is None:
+            self._running = await asyncio.to_thread(self._read_status)
+        return self._running
+
+    def _watch(self) -> None:
+        if self._status_task is None or self._status_task.done():
+            self._status_task = asyncio.get_running_loop().create_task(self._watch_status())
+
+    def _read_status(self) -> dict[str, int]:
+        app_name = serve.get_replica_context().app_name
+        deployments = serve.status().applications[app_name].deployments
+        counts = {}
+        for mid, handle in self.models.items():
+            states = deployments[handle.deployment_name].replica_states if handle.deployment_name in deployments \
+                else {}
+            counts[mid] = sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+        return counts
+
+    async def _watch_status(self) -> None:
+        while True:
+            try:
+                self._running = await asyncio.to_thread(self._read_status)
+            except Exception as exc:  # the controller restarting: keep the last known state
+                logger.warning("cannot read Serve's status: %s", exc)
+            await asyncio.sleep(STATUS_REFRESH_S)
+
+    def _check_available(self, base: str) -> None:
+        """503 at once, rather than a wait in Serve's queue, while ``base`` has no running replica."""
+        self._watch()
+        if self._running is not None and self._running.get(base, 1) < 1:
+            raise APIError(503, f"model {base!r} has no running replica (starting or being replaced); retry later",
+                           code="unavailable", retry_after_s=RETRY_AFTER_S)
 
     async def _serve(self, kind: str, body, **prompt):
         base, adapter = self._resolve(body.model)
@@ -155,6 +320,7 @@ class Ingress:
         if base not in self.specs:
             raise APIError(404, f"model {model_id!r} does not exist; GET /v1/models lists the served ones",
                            param="model", code="model_not_found")
+        self._check_available(base)
         if not sep:
             return base, None
         entry = self._adapters().get(model_id)
@@ -174,12 +340,13 @@ class Ingress:
         if (body.kind == "lora" and not engine.enable_lora) or (body.kind == "soft_prompt"
                                                                 and not engine.enable_soft_prompts):
             raise APIError(422, f"model {body.base!r} does not accept {body.kind} adapters", param="kind")
+        store = await asyncio.to_thread(self._open_store)
         folder = await asyncio.to_thread(self._fetch_source, body.source)
         try:
-            await asyncio.to_thread(inspect_adapter, folder, self._base_config(body.base), engine.max_lora_rank,
-                                    body.kind)
+            max_tokens = min(self.limits.max_soft_prompt_tokens, engine.max_model_len - 1)
+            await asyncio.to_thread(self._inspect, folder, body.base, body.kind, max_tokens)
             async with self._write_lock:
-                entry = await asyncio.to_thread(self.store.put, body.base, body.name, body.kind, folder)
+                entry = await asyncio.to_thread(self._store_call, store.put, body.base, body.name, body.kind, folder)
                 self._manifest_at = 0.0
         except AdapterError as exc:
             raise APIError(422, str(exc).replace(str(folder), body.source), param="source",
@@ -191,46 +358,71 @@ class Ingress:
     @app.get("/v1/adapters")
     async def list_adapters(self, request: Request):
         self._authorize(request, "LLMP_ADMIN_KEY")
-        return {"object": "list", "data": [self._adapter_card(e) for e in self._adapters().values()]}
+        adapters = await asyncio.to_thread(self._adapters)
+        return {"object": "list", "data": [self._adapter_card(e) for e in adapters.values()]}
 
     @app.delete("/v1/adapters/{model_id}")
     async def delete_adapter(self, model_id: str, request: Request):
         self._authorize(request, "LLMP_ADMIN_KEY")
         base, _, name = model_id.partition(":")
+        store = await asyncio.to_thread(self._open_store)
         async with self._write_lock:
-            entry = await asyncio.to_thread(self.store.remove, base, name)
+            entry = await asyncio.to_thread(self._store_call, store.remove, base, name)
             self._manifest_at = 0.0
         if entry is None:
             raise APIError(404, f"adapter {model_id!r} is not registered", param="model_id", code="model_not_found")
         return {"id": model_id, "object": "adapter", "deleted": True}
 
     def _fetch_source(self, source: str) -> Path:
-        fs, path = open_filesystem(source)
-        if fs.get_file_info(path).type != FileType.Directory:
-            raise APIError(400, f"adapter source {source} does not exist or is not a folder", param="source",
-                           code="source_not_found")
-        return fetch_folder(source)
+        """The source's adapter files in a local temporary folder: allowed sources only, within the size limit."""
+        return self.sources.fetch(source, self.limits.max_adapter_bytes)
+
+    def _inspect(self, folder: Path, base: str, kind: str, max_soft_prompt_tokens: int) -> None:
+        engine = self.specs[base].engine
+        inspect_adapter(folder, self._base_config(base), engine.max_lora_rank, kind,
+                        max_soft_prompt_tokens=max_soft_prompt_tokens)
 
     def _base_config(self, base: str):
+        """The base's config.json (for a hub base, that file alone is downloaded); called off the event loop."""
         if base not in self._configs:
             self._configs[base] = load_model_config(self.specs[base].engine.model)
         return self._configs[base]
 
+    def _open_store(self) -> AdapterStore:
+        """The adapter store, opened on first use: base models serve while it is unreachable (adapters get 503)."""
+        if self._store is None:
+            self._store = self._store_call(AdapterStore, self.store_uri)
+        return self._store
+
+    @staticmethod
+    def _store_call(fn, *args):
+        try:
+            return fn(*args)
+        except (APIError, AdapterError):
+            raise
+        except Exception as exc:  # pyarrow raises OSError subclasses, botocore-like errors vary: all mean "away"
+            raise APIError(503, f"the adapter store is unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
+                                f"retry later", code="adapter_store_unavailable", retry_after_s=RETRY_AFTER_S) from None
+
     def _adapters(self) -> dict[str, StoredAdapter]:
         """The store's manifest, re-read at most every ``sync_s`` (other ingress replicas may write)."""
         if time.monotonic() - self._manifest_at > self.sync_s:
-            self._manifest = self.store.manifest()
+            self._manifest = self._store_call(lambda: self._open_store().manifest())
             self._manifest_at = time.monotonic()
         return self._manifest
+
+    def _known_adapters(self) -> dict[str, StoredAdapter]:
+        """For listings: the manifest, or the last one read while the store is away."""
+        try:
+            return self._adapters()
+        except APIError:
+            return self._manifest
 
     @staticmethod
     def _adapter_card(entry: StoredAdapter) -> dict:
         return {"id": entry.model_id, "object": "model", "created": int(entry.registered_at),
                 "owned_by": "llm-platform", "kind": entry.kind, "parent": entry.base, "version": entry.version}
 
-    @staticmethod
-    def _authorize(request: Request, variable: str) -> None:
-        key = os.environ.get(variable)
-        if key and request.headers.get("authorization") != f"Bearer {key}":
-            raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                           code="invalid_api_key")
+    def _authorize(self, request: Request, variable: str) -> None:
+        """The route-level check (the middleware ran the same one before the body was read)."""
+        self.guard.check(variable, request.headers.get("authorization"))

@@ -10,6 +10,7 @@ import ray
 from ray import serve
 
 from llm_platform.serving.config import ServeConfig
+from llm_platform.serving.secrets import Secrets
 
 APP_NAME = "llm-platform"
 
@@ -21,7 +22,12 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
     config = prepare(config)
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     init = {"_metrics_export_port": metrics_port} if metrics_port and started_here else {}
-    ray.init(**init, logging_level="WARNING")
+    context = ray.init(**init, logging_level="WARNING")
+    secrets = Secrets.from_environment()
+    if config.allow_unauthenticated_admin and "LLMP_ADMIN_KEY" not in secrets:
+        print(f"WARNING: allow_unauthenticated_admin is on and no LLMP_ADMIN_KEY is set: anyone who reaches "
+              f"{config.host}:{config.port} can register and delete adapters. For local experiments only.",
+              flush=True)
     # After ray.init: Ray's core worker installs its own SIGTERM handler, which aborts the process.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -29,11 +35,33 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         print(f"deploying {', '.join(m.id for m in config.models)} ...", flush=True)
-        serve.run(build(config), name=APP_NAME, route_prefix="/")
+        serve.run(build(config, secrets), name=APP_NAME, route_prefix="/")
         print(f"serving on http://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
+        for line in monitoring_lines(context, metrics_port if started_here else None):
+            print(line, flush=True)
         stop.wait()
         print("shutting down", flush=True)
     finally:
         serve.shutdown()
         if started_here:
             ray.shutdown()
+
+
+def monitoring_lines(context, metrics_port: int | None) -> list[str]:
+    """Where an operator looks: the Ray dashboard (Serve view), Prometheus metrics, the Grafana dashboard JSON."""
+    from llm_platform.serving.monitoring import write_dashboard
+
+    lines = []
+    dashboard = getattr(context, "dashboard_url", None)
+    if dashboard:
+        lines.append(f"Ray dashboard: http://{dashboard}/#/serve")
+    if metrics_port:
+        lines.append(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics (ray_llmp_*, ray_vllm_*)")
+    else:
+        lines.append("Prometheus metrics: on each Ray node's metrics export port (ray_llmp_*, ray_vllm_*)")
+    try:
+        lines.append(f"Grafana dashboard JSON: {write_dashboard()} (Grafana: Dashboards > New > Import)")
+    except Exception as exc:  # joined a remote cluster: no local session folder
+        lines.append(f"Grafana dashboard JSON: not written ({exc}); `python -c 'from llm_platform.serving."
+                     f"monitoring import write_dashboard; print(write_dashboard(\".\"))'` writes it here")
+    return lines

@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 from llm_platform.engine.adapters import inspect_adapter, load_soft_prompt
@@ -74,3 +75,64 @@ def test_corrupt_and_missing_files_are_reported(adapters, configs, tmp_path: Pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="has no adapter_model.safetensors"):
         inspect_adapter(tmp_path / "empty", configs["tiny-s"])
+
+
+def _with_config(src: Path, out: Path, **changes) -> Path:
+    folder = shutil.copytree(src, out)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"r": "x"}, "field 'r': Input should be a valid integer"),
+    ({"r": 8.5}, "field 'r'"),
+    ({"r": True}, "field 'r'"),
+    ({"r": None}, "field 'r'"),
+    ({"r": 0}, "field 'r': Input should be greater than or equal to 1"),
+    ({"lora_alpha": "big"}, "field 'lora_alpha'"),
+    ({"target_modules": 5}, "field 'target_modules"),
+    ({"peft_type": ["LORA"]}, "peft_type \\['LORA'\\] is not supported"),
+    ({"use_dora": True}, "sets use_dora, which vLLM cannot serve"),
+    ({"bias": "all"}, "sets bias"),
+    ({"rank_pattern": {"q_proj": "x"}}, "field 'rank_pattern.q_proj'"),
+])
+def test_malformed_lora_config_fields_are_named(adapters, configs, tmp_path: Path, changes, message):
+    folder = _with_config(adapters["tiny-s"]["lora"], tmp_path / "bad", **changes)
+    with pytest.raises(AdapterError, match=message):
+        inspect_adapter(folder, configs["tiny-s"])
+
+
+def test_malformed_soft_prompt_fields_and_too_many_virtual_tokens(adapters, configs, tiny_models, tmp_path: Path):
+    from tests.conftest import make_soft_prompt
+
+    folder = _with_config(adapters["tiny-s"]["soft_prompt"], tmp_path / "bad", num_transformer_submodules="two")
+    with pytest.raises(AdapterError, match="field 'num_transformer_submodules'"):
+        inspect_adapter(folder, configs["tiny-s"])
+    long = make_soft_prompt(tiny_models["tiny-s"], tmp_path / "long", seed=3, tokens=40)
+    assert inspect_adapter(long, configs["tiny-s"], max_soft_prompt_tokens=40).num_virtual_tokens == 40
+    with pytest.raises(AdapterError, match="40 virtual tokens; at most 16 are accepted"):
+        inspect_adapter(long, configs["tiny-s"], max_soft_prompt_tokens=16)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_weights_are_refused(adapters, configs, tmp_path: Path, value):
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(adapters["tiny-s"]["lora"], tmp_path / "poisoned")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = sorted(tensors)[3]
+    tensors[key][0, 0] = value
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=f"tensor '{key}' holds 1 NaN or infinite values"):
+        inspect_adapter(folder, configs["tiny-s"])
+
+
+def test_integer_weights_are_refused(adapters, configs, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(adapters["tiny-s"]["lora"], tmp_path / "ints")
+    tensors = {k: v.to(torch.int32) for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="has dtype I32"):
+        inspect_adapter(folder, configs["tiny-s"])

@@ -7,6 +7,7 @@ import pytest
 from llm_platform.serving.process import ServerProcess
 
 ADMIN_KEY, API_KEY = "test-admin-key", "test-api-key"
+LIMITS = {"max_adapter_bytes": 4 * 2**20, "max_soft_prompt_tokens": 64, "max_request_bytes": 2**20}
 
 
 class Server(ServerProcess):
@@ -23,6 +24,8 @@ def server(tiny_models, tmp_path_factory):
     config = {
         "adapter_store": str(root / "store"),
         "adapter_sync_s": 0.5,
+        "adapter_sources": [str(tmp_path_factory.getbasetemp())],
+        "limits": LIMITS,
         "models": [{"id": name, "engine": {"model": str(path), "kind": "vllm", "max_model_len": 512},
                     "num_cpus": 0.5, "max_adapters": 4} for name, path in tiny_models.items()],
     }

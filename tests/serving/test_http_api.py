@@ -7,12 +7,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from openai import OpenAI
 
 from llm_platform.engine import AdapterRef, SamplingParams
 from llm_platform.models.tiny import TINY_NAMES
 from tests.conftest import make_lora
-from tests.serving.conftest import API_KEY
+from tests.serving.conftest import API_KEY, LIMITS
 
 pytestmark = pytest.mark.slow
 PROMPT = "Review: The lamp is lovely. Is this review positive or negative?\nAnswer:"
@@ -192,3 +193,78 @@ def test_restart_keeps_registered_adapters(server, adapters, engines, loop):
                                                                     str(adapters["tiny-s"]["soft_prompt"])))
     got = client.completions.create(model="tiny-s:durable", prompt=PROMPT, max_tokens=24, temperature=0)
     assert got.choices[0].text == expected.text
+
+
+def test_closed_by_default_authenticates_before_parsing_and_bounds_bodies(server):
+    url, user = server.url, server.user()
+    # Wrong or missing keys are refused before the body is read: no field errors leak to strangers.
+    assert error_of(httpx.post(f"{url}/v1/completions", content=b'{"model": ', headers={
+        "content-type": "application/json"}), 401)["code"] == "invalid_api_key"
+    assert error_of(httpx.post(f"{url}/v1/adapters", json={"garbage": 1}), 401)["code"] == "invalid_api_key"
+    assert error_of(httpx.post(f"{url}/v1/adapters", headers=user, json={"garbage": 1}), 401)
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(url + path, headers=user).status_code == 404, path
+    assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
+    big = {"model": "tiny-s", "prompt": "x" * (LIMITS["max_request_bytes"] + 10)}
+    assert error_of(httpx.post(f"{url}/v1/completions", headers=user, json=big), 413)["code"] == "request_too_large"
+    assert error_of(httpx.post(f"{url}/v1/completions", headers=user, json={
+        "model": "tiny-s", "prompt": "Hi", "seed": 2**63}), 400)["param"] == "seed"
+
+
+def test_adapter_sources_limits_and_weights_are_checked(server, adapters, tiny_models, tmp_path: Path):
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import make_soft_prompt
+
+    lora = adapters["tiny-s"]["lora"]
+    ssrf = register(server, "ssrf", "tiny-s", "lora", "s3://bucket/a?endpoint_override=127.0.0.1:1&scheme=http")
+    assert "may not carry options" in error_of(ssrf, 403)["message"]
+    assert error_of(register(server, "etc", "tiny-s", "lora", "/etc"), 403)["code"] == "source_not_allowed"
+    outside = Path(tempfile.mkdtemp(prefix="llmp-test-outside-"))
+    try:
+        shutil.copytree(lora, outside / "lora")
+        assert error_of(register(server, "out", "tiny-s", "lora", outside / "lora"), 403)["param"] == "source"
+    finally:
+        shutil.rmtree(outside)
+
+    padded = shutil.copytree(lora, tmp_path / "padded")
+    tensors = load_file(padded / "adapter_model.safetensors")
+    save_file({**tensors, "pad": torch.zeros(LIMITS["max_adapter_bytes"] // 4 + 1)}, padded / "adapter_model.safetensors")
+    assert error_of(register(server, "big", "tiny-s", "lora", padded), 413)["code"] == "adapter_too_large"
+
+    poisoned = shutil.copytree(lora, tmp_path / "nan")
+    tensors = load_file(poisoned / "adapter_model.safetensors")
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, poisoned / "adapter_model.safetensors")
+    assert "NaN or infinite" in error_of(register(server, "nan", "tiny-s", "lora", poisoned), 422)["message"]
+
+    bad_rank = shutil.copytree(lora, tmp_path / "rank")
+    config = json.loads((bad_rank / "adapter_config.json").read_text())
+    (bad_rank / "adapter_config.json").write_text(json.dumps({**config, "r": "x"}))
+    assert "field 'r'" in error_of(register(server, "rank", "tiny-s", "lora", bad_rank), 422)["message"]
+
+    long = make_soft_prompt(tiny_models["tiny-s"], tmp_path / "long", seed=5, tokens=LIMITS["max_soft_prompt_tokens"] + 1)
+    assert "virtual tokens" in error_of(register(server, "long", "tiny-s", "soft_prompt", long), 422)["message"]
+    listed = httpx.get(f"{server.url}/v1/adapters", headers=server.admin()).json()["data"]
+    assert not {"tiny-s:ssrf", "tiny-s:big", "tiny-s:nan", "tiny-s:rank", "tiny-s:long"} & {a["id"] for a in listed}
+
+
+def test_keys_do_not_show_in_rays_dashboard(server):
+    import re
+
+    from tests.serving.conftest import ADMIN_KEY
+
+    match = re.search(r"Ray dashboard: (http://\S+?)/#/serve", server.log.read_text())
+    assert match, "llmp serve prints where the Ray dashboard is"
+    dashboard = match[1]
+    shown = ""
+    for path in ("/api/serve/applications/", "/api/v0/actors?detail=1&limit=1000",
+                 "/api/v0/tasks?detail=1&limit=1000"):
+        response = httpx.get(dashboard + path, timeout=30)
+        assert response.status_code == 200, (path, response.text[:200])
+        shown += response.text
+    assert "llm-platform" in shown and "Ingress" in shown
+    assert ADMIN_KEY not in shown and API_KEY not in shown
