@@ -132,11 +132,12 @@ class ModelServer:
         choices = [Choice(index=i) for i in range(len(prompts) * request.sampling.n)]
         async for chunk in self._chunks(request, prompts):
             choices[chunk.index].add(chunk)
+        generated = 0 if request.echo_only else sum(len(c.token_ids) for c in choices)
         if request.echo:
             choices = [self._echoed(choice, prompts[choice.index // request.sampling.n], request)
                        for choice in choices]
         return openai_format.whole(meta, choices, sum(len(p) for p in prompts), self.tokenizer,
-                                   completion_tokens=0 if request.echo_only else None)
+                                   completion_tokens=generated)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
         meta = self._meta(request)
@@ -165,7 +166,9 @@ class ModelServer:
 
     def _echoed(self, choice: Choice, prompt_ids: list[int], request: GenerateRequest) -> Choice:
         """The choice with its prompt in front (vLLM's echo): text, tokens and, with logprobs, their scores."""
-        echoed = Choice(index=choice.index, text=self.tokenizer.decode(prompt_ids), token_ids=list(prompt_ids),
+        original = request.prompts[choice.index // request.sampling.n]
+        text = original if isinstance(original, str) else self.tokenizer.decode(prompt_ids)  # as vLLM echoes
+        echoed = Choice(index=choice.index, text=text, token_ids=list(prompt_ids),
                         finish_reason=choice.finish_reason or ("length" if request.echo_only else None))
         if request.sampling.logprobs is not None:
             echoed.logprobs = list(choice.prompt_logprobs or [None] * len(prompt_ids))

@@ -213,11 +213,13 @@ def test_completion_prompt_forms_echo_and_sampling_fields(server, tiny_models):
     # echo + logprobs with max_tokens 0: the prompt's log-probabilities, the first None.
     echo = ok(post(server, "/v1/completions", model="tiny-s", prompt="The sky is", echo=True, logprobs=1,
                    max_tokens=0, temperature=0))["choices"][0]
-    assert echo["text"] == ok(post(server, "/detokenize", model="tiny-s", tokens=ids["tokens"]))["prompt"]
+    assert echo["text"] == "The sky is" and echo["finish_reason"] == "length"
+    by_ids = ok(post(server, "/v1/completions", model="tiny-s", prompt=ids["tokens"], echo=True, max_tokens=0))
+    assert by_ids["choices"][0]["text"] == ok(post(server, "/detokenize", model="tiny-s", tokens=ids["tokens"]))["prompt"]
     lps = echo["logprobs"]["token_logprobs"]
     assert len(lps) == ids["count"] and lps[0] is None and all(lp <= 0 for lp in lps[1:])
     echoed = ok(post(server, "/v1/completions", prompt="The sky is", echo=True, logprobs=0, **greedy))
-    assert echoed["choices"][0]["text"].endswith("The sky is" + one)
+    assert echoed["choices"][0]["text"] == "The sky is" + one
     assert len(echoed["choices"][0]["logprobs"]["tokens"]) == ids["count"] + 6
     assert echoed["usage"]["completion_tokens"] == 6
 
@@ -302,3 +304,18 @@ def test_models_version_and_unknown_routes(server):
     assert ok(httpx.get(f"{server.url}/version"))["version"]
     nowhere = httpx.get(f"{server.url}/v1/nowhere", headers=user)
     assert nowhere.status_code == 404 and set(nowhere.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_vllm_benchmark_client_gets_exactly_the_output_lengths_it_asks_for(server, tiny_models, tmp_path):
+    """vLLM's own load generator (streams, include_usage, ignore_eos) against the server."""
+    cmd = [sys.executable, "-m", "vllm.benchmarks.serve", "--backend", "openai", "--base-url", server.url,
+           "--model", "tiny-s", "--tokenizer", str(tiny_models["tiny-s"]), "--dataset-name", "random",
+           "--random-input-len", "16", "--random-output-len", "24", "--num-prompts", "8", "--max-concurrency", "4",
+           "--ignore-eos", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json",
+           "--disable-tqdm"]
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == 8 and result["failed"] == 0
+    assert result["output_lens"] == [24] * 8
