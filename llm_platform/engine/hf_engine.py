@@ -15,13 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from peft import PeftModel
-from transformers import (DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+from transformers import (DynamicCache, LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from llm_platform.engine.adapters import load_soft_prompt
 from llm_platform.engine.protocol import AdapterRef, Chunk, Engine, EngineConfig, SamplingParams
 from llm_platform.engine.text import StopChecker
-from llm_platform.errors import AdapterError
+from llm_platform.errors import AdapterError, SamplingError
 from llm_platform.models.loading import load_causal_lm, load_tokenizer
 
 _DONE = object()
@@ -65,6 +65,10 @@ class TransformersEngine(Engine):
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
                      request_id: str | None = None) -> AsyncIterator[Chunk]:
+        if params.structured:
+            raise SamplingError("response_format", "structured outputs need the vLLM engine (this model runs on "
+                                                   "transformers)")
+        self.check_token_ids(params)
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else None
             async with self._lock:
@@ -88,21 +92,40 @@ class TransformersEngine(Engine):
             embeds = self._embed(ids)
             if prefix is not None:
                 embeds = torch.cat([prefix.to(device, embeds.dtype)[None], embeds], dim=1)
-        stop = StopChecker(self._tokenizer, params.stop)
+        stop = StopChecker(self._tokenizer, params.stop, params.include_stop_str_in_output,
+                           params.skip_special_tokens)
         cache, inputs = DynamicCache(), {"inputs_embeds": embeds}
-        max_new = min(params.max_tokens, self.config.max_model_len - embeds.shape[1])
+        room = self.config.max_model_len - embeds.shape[1]
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        eos = set() if params.ignore_eos else set(self._eos)
+        ends = eos | set(params.stop_token_ids)
+        counts = torch.zeros(self._embed.weight.shape[0], device=device)
+        bias = torch.zeros(self._embed.weight.shape[0], device=device)
+        for token_id, value in params.logit_bias:
+            bias[token_id] = value
         for step in range(max_new):
             with torch.inference_mode():
                 out = model(**inputs, past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1, :].float()
-            token = self._sample(processors(ids, logits.clone()), params, generator)
+            prompt_scores = None
+            if step == 0 and params.prompt_logprobs is not None:
+                prompt_scores = _prompt_logprobs(out.logits[0].float(), prompt_ids, params.prompt_logprobs)
+            # vLLM's order: logit bias, min_tokens, penalties, then temperature and the truncations.
+            scores = logits + bias
+            if step < params.min_tokens and ends:
+                scores[:, list(ends)] = -float("inf")
+            scores = scores - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
+            token = self._sample(processors(ids, scores), params, generator)
             ids = torch.cat([ids, token[:, None]], dim=1)
             inputs = {"input_ids": token[:, None]}
             token_id = int(token)
+            counts[token_id] += 1
             chunk = Chunk(index=index, text="", token_ids=[token_id])
+            if prompt_scores is not None:
+                chunk.prompt_logprobs, chunk.prompt_top_logprobs = prompt_scores
             if params.logprobs is not None:
                 _add_logprobs(chunk, logits, token_id, params.logprobs)
-            is_eos = token_id in self._eos
+            is_eos = token_id in ends
             chunk.text, stopped = stop.push(token_id, final=is_eos or step == max_new - 1)
             if is_eos or stopped:
                 chunk.finish_reason = "stop"
@@ -180,7 +203,23 @@ def _processors(params: SamplingParams) -> LogitsProcessorList:
             processors.append(TopKLogitsWarper(params.top_k))
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(params.top_p))
+        if params.min_p > 0:
+            processors.append(MinPLogitsWarper(params.min_p))
     return processors
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int):
+    """Each prompt token's log-probability given the tokens before it (the first: None), as vLLM reports."""
+    n = len(prompt_ids)
+    scores = torch.log_softmax(logits[-n:-1], dim=-1)  # the position before each token (soft prompt first)
+    targets = torch.tensor(prompt_ids[1:], device=scores.device)
+    chosen = scores.gather(1, targets[:, None])[:, 0]
+    logprobs, tops = [None], [None]
+    for row, token, value in zip(scores, prompt_ids[1:], chosen.tolist()):
+        logprobs.append(value)
+        top = torch.topk(row, k) if k else None
+        tops.append({token: value, **({int(i): float(v) for v, i in zip(top.values, top.indices)} if top else {})})
+    return logprobs, tops
 
 
 def _add_logprobs(chunk: Chunk, logits: torch.Tensor, token_id: int, k: int) -> None:

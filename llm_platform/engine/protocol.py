@@ -74,12 +74,29 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
-    max_tokens: int = 16
+    max_tokens: int | None = 16
+    """None: up to the rest of the context (``max_model_len`` minus the prompt)."""
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None
     """None: no log-probabilities; k >= 0: the sampled token's, plus the k most likely."""
+    # vLLM's further sampling fields (the same names and meanings as vLLM's SamplingParams).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    """End-of-sequence and ``stop_token_ids`` are suppressed until this many tokens are generated."""
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit) pairs."""
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    """None: none; k >= 0: each prompt token's log-probability (the first is None) plus the k most likely."""
+    structured: dict | None = field(default=None, compare=False)
+    """A vLLM structured-outputs spec (one of json, json_object, regex, choice, grammar), or None."""
 
     def __post_init__(self):
         checks = [
@@ -87,11 +104,20 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k == -1 or self.top_k >= 0, "must be >= 0 (0 or -1 disables it)"),
             ("repetition_penalty", 0 < self.repetition_penalty <= 2, "must be in (0, 2]"),
-            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1"),
             ("n", 1 <= self.n <= 16, "must be between 1 and 16"),
             ("n", self.n == 1 or self.temperature > 0, "must be 1 when temperature is 0 (greedy has one answer)"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be between 0 and 20"),
-            ("stop", len(self.stop) <= 4 and all(self.stop), "at most 4 non-empty strings"),
+            ("stop", len(self.stop) <= 32 and all(self.stop), "at most 32 non-empty strings"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be between -2 and 2"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be between -2 and 2"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("min_tokens", self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
+             "must be >= 0 and <= max_tokens"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "token ids must be >= 0"),
+            ("logit_bias", all(-100 <= b <= 100 for _, b in self.logit_bias), "biases must be between -100 and 100"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "must be between 0 and 20"),
             ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "must fit in a signed 64-bit integer"),
         ]
         for param, ok, message in checks:
@@ -128,6 +154,9 @@ class Chunk:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    """Set on a choice's first chunk when ``prompt_logprobs`` was asked: one per prompt token, the first None."""
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -138,8 +167,12 @@ class Choice:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
     def add(self, chunk: Chunk) -> None:
+        if chunk.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs, self.prompt_top_logprobs = chunk.prompt_logprobs, chunk.prompt_top_logprobs
         self.text += chunk.text
         self.token_ids += chunk.token_ids
         if chunk.logprobs is not None:
@@ -205,6 +238,14 @@ class Engine(abc.ABC):
         if any(not 0 <= i < vocab for i in ids):
             raise SamplingError("prompt", f"token ids must be in [0, {vocab})")
         return ids
+
+    def check_token_ids(self, params: SamplingParams) -> None:
+        """``stop_token_ids`` and ``logit_bias`` name tokens of this model's vocabulary."""
+        vocab = len(self.tokenizer)
+        for param, ids in (("stop_token_ids", params.stop_token_ids),
+                           ("logit_bias", [t for t, _ in params.logit_bias])):
+            if any(not 0 <= t < vocab for t in ids):
+                raise SamplingError(param, f"token ids must be in [0, {vocab})")
 
     async def generate(self, prompt: Prompt, params: SamplingParams, adapter: AdapterRef | None = None,
                        request_id: str | None = None) -> Result:

@@ -74,6 +74,10 @@ class VLLMEngine(Engine):
 
         lora_request, prompt, n_prompt = None, {"prompt_token_ids": prompt_ids}, len(prompt_ids)
         if adapter is not None and adapter.kind == "soft_prompt":
+            if params.prompt_logprobs is not None:
+                # vLLM has no token ids for the virtual tokens of prompt embeddings to score the prompt by.
+                raise SamplingError("echo", "prompt log-probabilities (echo with logprobs) are not available "
+                                            "for soft-prompt adapters")
             prefix = self._soft_prompt(adapter)
             prompt = {"prompt_embeds": torch.cat([prefix, self._embeddings[prompt_ids]])}
             n_prompt += len(prefix)
@@ -83,19 +87,36 @@ class VLLMEngine(Engine):
         sampling.output_kind = RequestOutputKind.DELTA
         (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
         gated = adapter.kind if adapter is not None and self._gate is not None else None
+        outputs = None
         if gated:
             await self._gate.acquire(gated)
         try:
-            async for output in self.llm.generate(engine_input, sampling, request_id or new_request_id(),
-                                                  lora_request=lora_request):
+            outputs, started = self.llm.generate(engine_input, sampling, request_id or new_request_id(),
+                                                 lora_request=lora_request), False
+            while True:
+                try:
+                    output = await outputs.__anext__()
+                except StopAsyncIteration:
+                    break
+                except ValueError as exc:  # vLLM validates a request (e.g. its JSON schema) when it is added
+                    if started:
+                        raise
+                    raise _sampling_error(exc, params) from None
+                started = True
                 if gated == "soft_prompt":  # prefill done: its tokens are plain ids from here on
                     await self._gate.release(gated)
                     gated = None
+                prompt_logprobs = _prompt_logprobs(output, prompt_ids)
                 for completion in output.outputs:
-                    yield _chunk(completion, params.logprobs)
+                    chunk = _chunk(completion, params.logprobs)
+                    if prompt_logprobs is not None:
+                        chunk.prompt_logprobs, chunk.prompt_top_logprobs = prompt_logprobs
+                    yield chunk
         except EngineDeadError as exc:
             raise EngineUnavailableError(f"the vLLM engine of {self.config.model} died: {exc}") from None
         finally:
+            if outputs is not None:
+                await outputs.aclose()  # aborts the request in vLLM when the client went away
             if gated:
                 await self._gate.release(gated)
 
@@ -127,14 +148,28 @@ class VLLMEngine(Engine):
 
     def _sampling(self, params: SamplingParams, n_prompt: int):
         from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
         room = self.config.max_model_len - n_prompt
         if room < 1:
             raise SamplingError("prompt", f"leaves no room to generate within {self.config.max_model_len} tokens")
-        return VSamplingParams(
-            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            repetition_penalty=params.repetition_penalty, max_tokens=min(params.max_tokens, room),
-            stop=list(params.stop) or None, seed=params.seed, logprobs=params.logprobs)
+        self.check_token_ids(params)
+        try:
+            structured = StructuredOutputsParams(**params.structured) if params.structured else None
+            return VSamplingParams(
+                n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                repetition_penalty=params.repetition_penalty,
+                max_tokens=room if params.max_tokens is None else min(params.max_tokens, room),
+                stop=list(params.stop) or None, seed=params.seed, logprobs=params.logprobs,
+                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                min_p=params.min_p, min_tokens=params.min_tokens, ignore_eos=params.ignore_eos,
+                stop_token_ids=list(params.stop_token_ids) or None,
+                logit_bias=dict(params.logit_bias) or None,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                skip_special_tokens=params.skip_special_tokens, prompt_logprobs=params.prompt_logprobs,
+                structured_outputs=structured)
+        except (ValueError, TypeError) as exc:
+            raise _sampling_error(exc, params) from None
 
     def _soft_prompt(self, adapter: AdapterRef) -> torch.Tensor:
         if not self.config.enable_soft_prompts:
@@ -168,6 +203,33 @@ def _chunk(completion, k: int | None) -> Chunk:
         chunk.logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
         chunk.top_logprobs = [{token: lp.logprob for token, lp in step.items()} for step in completion.logprobs]
     return chunk
+
+
+def _prompt_logprobs(output, prompt_ids: list[int]):
+    """vLLM's prompt log-probabilities (first entry None) as (logprob per token, top alternatives per token)."""
+    steps = getattr(output, "prompt_logprobs", None)
+    if not steps:
+        return None
+    logprobs, tops = [], []
+    for token, step in zip(prompt_ids, steps):
+        if step is None:
+            logprobs.append(None)
+            tops.append(None)
+        else:
+            logprobs.append(step[token].logprob)
+            tops.append({t: lp.logprob for t, lp in step.items()})
+    return logprobs, tops
+
+
+def _sampling_error(exc: Exception, params: SamplingParams) -> SamplingError:
+    """vLLM's rejection of a request, naming the field (vLLM's VLLMValidationError carries it)."""
+    param = getattr(exc, "parameter", None)
+    if param is None:
+        param = "response_format" if params.structured else "request"
+    if param in ("structured_outputs", "json", "json_object", "regex", "choice", "grammar"):
+        param = "response_format"
+    message = str(exc.args[0]) if exc.args else str(exc)
+    return SamplingError(param, message)
 
 
 def _read_input_embeddings(path: str) -> torch.Tensor:

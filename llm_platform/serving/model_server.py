@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from llm_platform.engine import AdapterRef, Choice, SamplingParams, build_engine
+from llm_platform.engine import AdapterRef, Chunk, Choice, SamplingParams, build_engine
 from llm_platform.errors import SamplingError
 from llm_platform.serving import openai_format
 from llm_platform.serving.adapter_store import AdapterStore, StoredAdapter
@@ -41,11 +41,59 @@ class GenerateRequest:
     model: str
     """The model id the client asked for (echoed in responses)."""
     sampling: SamplingParams
-    prompt: str | list[int] | None = None
+    prompts: list[str | list[int]] | None = None
+    """Completions: one or more prompts, each answered with ``n`` choices (indexed prompt-major)."""
     messages: list[dict] | None = None
     adapter: StoredAdapter | None = None
     """Resolved here, on the replica's node: a remote store's files are fetched where they are used."""
     include_usage: bool = False
+    echo: bool = False
+    """Completions: return each prompt before its completion (and its log-probabilities with logprobs)."""
+    echo_only: bool = False
+    """echo with max_tokens 0: the one token generated is dropped."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
+
+
+async def _reindexed(chunks: AsyncIterator[Chunk], offset: int) -> AsyncIterator[Chunk]:
+    async for chunk in chunks:
+        chunk.index += offset
+        yield chunk
+
+
+async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[Chunk]:
+    """The chunks of several streams as they come (one prompt's stream alone is passed through)."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream):
+        try:
+            async for chunk in stream:
+                await queue.put(chunk)
+            await queue.put(done)
+        except BaseException as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _LoadedAdapter:
@@ -115,24 +163,63 @@ class ModelServer:
                            code="adapter_store_unavailable", retry_after_s=STORE_RETRY_AFTER_S) from None
 
     async def generate(self, request: GenerateRequest) -> dict:
-        meta = openai_format.ResponseMeta(request.kind, request.model, request.sampling.logprobs or 0)
-        choices = [Choice(index=i) for i in range(request.sampling.n)]
-        async for ids, chunk in self._chunks(request):
+        meta = self._meta(request)
+        prompts = await self._tokenized(request)
+        choices = [Choice(index=i) for i in range(len(prompts) * request.sampling.n)]
+        async for chunk in self._chunks(request, prompts):
             choices[chunk.index].add(chunk)
-        return openai_format.whole(meta, choices, len(ids), self.tokenizer)
+        generated = 0 if request.echo_only else sum(len(c.token_ids) for c in choices)
+        if request.echo:
+            choices = [self._echoed(choice, prompts[choice.index // request.sampling.n], request)
+                       for choice in choices]
+        return openai_format.whole(meta, choices, sum(len(p) for p in prompts), self.tokenizer,
+                                   completion_tokens=generated)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
-        meta = openai_format.ResponseMeta(request.kind, request.model, request.sampling.logprobs or 0)
-        started, produced = set(), 0
-        async for ids, chunk in self._chunks(request):
-            produced += len(chunk.token_ids)
+        meta = self._meta(request)
+        prompts = await self._tokenized(request)
+        started, produced, n = set(), 0, request.sampling.n
+        async for chunk in self._chunks(request, prompts):
+            generated = 0 if request.echo_only else len(chunk.token_ids)
+            if request.echo and chunk.index not in started:
+                whole = Choice(index=chunk.index)
+                whole.add(chunk)
+                echoed = self._echoed(whole, prompts[chunk.index // n], request)
+                chunk = Chunk(index=chunk.index, text=echoed.text, token_ids=echoed.token_ids,
+                              logprobs=echoed.logprobs, top_logprobs=echoed.top_logprobs,
+                              finish_reason=chunk.finish_reason)
+            elif request.echo_only:
+                continue
+            produced += generated
             yield openai_format.piece(meta, chunk, self.tokenizer, first=chunk.index not in started)
             started.add(chunk.index)
         if request.include_usage:
-            yield openai_format.usage_piece(meta, len(ids), produced)
+            yield openai_format.usage_piece(meta, sum(len(p) for p in prompts), produced)
 
-    async def _chunks(self, request: GenerateRequest):
-        """Engine chunks for ``request``, with its adapter held and metrics recorded."""
+    @staticmethod
+    def _meta(request: GenerateRequest) -> openai_format.ResponseMeta:
+        return openai_format.ResponseMeta(request.kind, request.model, request.sampling.logprobs or 0)
+
+    def _echoed(self, choice: Choice, prompt_ids: list[int], request: GenerateRequest) -> Choice:
+        """The choice with its prompt in front (vLLM's echo): text, tokens and, with logprobs, their scores."""
+        original = request.prompts[choice.index // request.sampling.n]
+        text = original if isinstance(original, str) else self.tokenizer.decode(prompt_ids)  # as vLLM echoes
+        echoed = Choice(index=choice.index, text=text, token_ids=list(prompt_ids),
+                        finish_reason=choice.finish_reason or ("length" if request.echo_only else None))
+        if request.sampling.logprobs is not None:
+            echoed.logprobs = list(choice.prompt_logprobs or [None] * len(prompt_ids))
+            echoed.top_logprobs = list(choice.prompt_top_logprobs or [None] * len(prompt_ids))
+        if not request.echo_only:
+            echoed.add(Choice(index=choice.index, text=choice.text, token_ids=choice.token_ids,
+                              logprobs=choice.logprobs, top_logprobs=choice.top_logprobs))
+        return echoed
+
+    async def _tokenized(self, request: GenerateRequest) -> list[list[int]]:
+        """The prompts' token ids, computed off the event loop (a huge prompt must not stall other requests)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._prompt_ids, request)
+
+    async def _chunks(self, request: GenerateRequest, prompts: list[list[int]]):
+        """Engine chunks of every prompt, re-indexed prompt-major, with the adapter held and metrics recorded."""
         self._start_sync()
         adapter = await asyncio.to_thread(self._store_ref, request.adapter) if request.adapter else None
         kind, status = (adapter.kind if adapter else "base"), "error"
@@ -141,13 +228,14 @@ class ModelServer:
         if adapter is not None:
             await self._hold(adapter)
         try:
-            ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._prompt_ids, request)
-            async for chunk in self.engine.stream(ids, request.sampling, adapter):
+            streams = [_reindexed(self.engine.stream(ids, request.sampling, adapter), i * request.sampling.n)
+                       for i, ids in enumerate(prompts)]
+            async for chunk in _merged(streams):
                 if first:
                     self.metrics.first_token(self.model_id, time.perf_counter() - start, adapter=name)
                     first = False
                 produced += len(chunk.token_ids)
-                yield ids, chunk
+                yield chunk
             status = "ok"
         except (asyncio.CancelledError, GeneratorExit):  # the client left
             status = "cancelled"
@@ -159,13 +247,45 @@ class ModelServer:
             if adapter is not None:
                 await self._release(adapter)
 
-    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+    def _prompt_ids(self, request: GenerateRequest) -> list[list[int]]:
         if request.kind == "chat":
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise SamplingError("messages", f"model {self.model_id} has no chat template; use /v1/completions")
-            text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
-            return self.engine.encode(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self.engine.encode(request.prompt)
+            return [self.engine.encode(self.render_chat(request.messages, request.add_generation_prompt,
+                                                        request.continue_final_message,
+                                                        request.chat_template_kwargs))]
+        return [self.engine.encode(prompt) for prompt in request.prompts]
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of ``messages`` through the model's chat template (transformers' apply_chat_template)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SamplingError("messages", f"model {self.model_id} has no chat template; use /v1/completions")
+        kwargs = dict(chat_template_kwargs or {})
+        clash = {"messages", "add_generation_prompt", "continue_final_message", "tokenize"} & set(kwargs)
+        if clash:
+            raise SamplingError("chat_template_kwargs", f"may not set {sorted(clash)}; use the request fields")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message,
+                                                      tokenize=False, **kwargs)
+        except Exception as exc:  # a template error (jinja raise_exception, bad kwargs) is the request's fault
+            raise SamplingError("messages", f"the chat template refused them: {exc}") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool,
+                       add_generation_prompt: bool, continue_final_message: bool,
+                       chat_template_kwargs: dict | None) -> list[int]:
+        if messages is not None:
+            return self.render_chat(messages, add_generation_prompt, continue_final_message, chat_template_kwargs)
+        return self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+
+    async def token_strings(self, tokens: list[int]) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(tokens)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in tokens):
+            raise SamplingError("tokens", f"token ids must be in [0, {vocab})")
+        return self.tokenizer.decode(tokens)
 
     async def _hold(self, adapter: AdapterRef) -> None:
         key = adapter.key

@@ -23,8 +23,11 @@ class ResponseMeta:
         self.id = self.id or ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex
 
 
-def whole(meta: ResponseMeta, choices: list[Choice], prompt_tokens: int, tokenizer) -> dict:
-    completion_tokens = sum(len(c.token_ids) for c in choices)
+def whole(meta: ResponseMeta, choices: list[Choice], prompt_tokens: int, tokenizer,
+          completion_tokens: int | None = None) -> dict:
+    """The response body; ``completion_tokens`` defaults to the choices' tokens (pass it when they hold echoes)."""
+    if completion_tokens is None:
+        completion_tokens = sum(len(c.token_ids) for c in choices)
     return {"id": meta.id, "object": "chat.completion" if meta.kind == "chat" else "text_completion",
             "created": meta.created, "model": meta.model,
             "choices": [_choice(meta, c.index, c.text, c.token_ids, c.logprobs, c.top_logprobs, c.finish_reason,
@@ -67,9 +70,13 @@ def _choice(meta, index, text, token_ids, logprobs, top_logprobs, finish_reason,
     return choice
 
 
-def _best(top_logprobs: list[dict[int, float]] | None, k: int) -> list[list[tuple[int, float]]]:
-    """The ``k`` most likely tokens of each step, most likely first (engines may add the sampled one)."""
-    return [sorted(top.items(), key=lambda item: -item[1])[:k] for top in top_logprobs or []]
+def _best(top_logprobs: list[dict[int, float] | None] | None, k: int) -> list[list[tuple[int, float]] | None]:
+    """The ``k`` most likely tokens of each step, most likely first (engines may add the sampled one).
+
+    A step without scores (an echoed prompt's first token) stays None.
+    """
+    return [None if top is None else sorted(top.items(), key=lambda item: -item[1])[:k]
+            for top in top_logprobs or []]
 
 
 def _completion_logprobs(token_ids, logprobs, top_logprobs, tokenizer) -> dict | None:
@@ -81,7 +88,8 @@ def _completion_logprobs(token_ids, logprobs, top_logprobs, tokenizer) -> dict |
         offsets.append(position)
         position += len(token)
     return {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
-            "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in top} for top in top_logprobs]}
+            "top_logprobs": [None if top is None else {tokenizer.decode([t]): lp for t, lp in top}
+                             for top in top_logprobs]}
 
 
 def _chat_logprobs(token_ids, logprobs, top_logprobs, tokenizer) -> dict | None:

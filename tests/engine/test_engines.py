@@ -178,3 +178,39 @@ def test_out_of_range_sampling_values_name_the_parameter(kwargs, param):
 def test_missing_model_fails_before_any_engine_starts(kind, tmp_path):
     with pytest.raises(ModelNotFoundError, match="tiny-q does not exist"):
         build_engine(EngineConfig(model=str(tmp_path / "tiny-q"), kind=kind))
+
+
+@pytest.mark.slow
+def test_vllm_sampling_fields_agree_between_engines(engines, loop):
+    """vLLM's extra sampling fields mean the same on both engines (greedy, so outputs must match)."""
+    vllm, hf = engines("tiny-s", "vllm"), engines("tiny-s", "transformers")
+    plain = generate(loop, hf, SamplingParams(temperature=0, max_tokens=12)).choices[0].token_ids
+    first = plain[0]
+    cases = [
+        {"logit_bias": ((first, -100.0),)},
+        {"stop_token_ids": (plain[2],)},
+        {"stop_token_ids": (first,), "min_tokens": 2},
+        {"presence_penalty": 1.5, "frequency_penalty": 0.8},
+        {"ignore_eos": True, "max_tokens": 40},
+        {"min_p": 0.3},
+    ]
+    outputs = []
+    for extra in cases:
+        params = SamplingParams(**{"temperature": 0, "max_tokens": 12, **extra})
+        a, b = generate(loop, vllm, params).choices[0], generate(loop, hf, params).choices[0]
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason, extra
+        outputs.append(a.token_ids)
+    assert outputs[0][0] != first and outputs[2][0] != first and len(outputs[2]) >= 2
+    assert outputs[4] and len(outputs[4]) == 40
+    assert generate(loop, vllm, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(plain[2],))
+                    ).choices[0].token_ids == plain[:3]
+    # Prompt log-probabilities (what echo with logprobs reports): the first None, then equal on both engines.
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=1, prompt_logprobs=1)
+    a, b = generate(loop, vllm, params).choices[0], generate(loop, hf, params).choices[0]
+    assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+    assert len(a.prompt_logprobs) == len(hf.encode(PROMPT))
+    assert max(abs(x - y) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])) < 1e-3
+    with pytest.raises(SamplingError, match="response_format"):
+        generate(loop, hf, SamplingParams(temperature=0, max_tokens=4, structured={"json_object": True}))
+    with pytest.raises(SamplingError, match="stop_token_ids"):
+        generate(loop, vllm, SamplingParams(temperature=0, max_tokens=4, stop_token_ids=(99999,)))
