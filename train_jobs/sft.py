@@ -45,15 +45,18 @@ def prepare(cfg: SFTConfig) -> SFTConfig:
 
 
 def check_inputs(cfg: SFTConfig) -> None:
-    """Fail in seconds, before any worker starts, on a wrong model path or dataset."""
+    """Fail in seconds, before any worker starts, on a wrong model path or dataset: every row is checked, and
+    the first rows of each split are tokenized (a chat template that refuses them fails here)."""
     from llm_platform.models.loading import load_tokenizer
-    from llm_platform.training.data import load_pairs
+    from llm_platform.training.data import load_split, task_labels, tokenize_all
     from llm_platform.training.methods import peft_config
 
-    load_tokenizer(cfg.model)
-    for split in ("train", "validation", "test"):
-        if not load_pairs(cfg.data, split):
+    tokenizer = load_tokenizer(cfg.model)
+    for split in ("train", "validation", "test") if task_labels(cfg.data) else ("train", "validation"):
+        examples, where, rows = load_split(cfg.data, split)
+        if not examples:
             raise PlatformError(f"data.source {cfg.data.source}: the {split} split is empty")
+        tokenize_all(examples[:8], tokenizer, cfg.data.max_length, cfg.data.loss_on, where, rows)
     if cfg.is_adapter:
         peft_config(cfg)
 
