@@ -157,13 +157,25 @@ def to_standard(records: datasets.Dataset, data: DataSettings, where: str,
     fmt = _detect_format(records.column_names, data.format, where)
     examples = records.select_columns(list(FORMATS[fmt]) if fmt != "sharegpt" else ["conversations"]).to_list()
     if fmt == "sharegpt":  # ShareGPT's from/value turns -> TRL's messages (TRL's own converter)
-        examples = [maybe_convert_to_chatml(e) if e.get("conversations") else {"messages": None} for e in examples]
+        examples = [_sharegpt_roles(maybe_convert_to_chatml(e)) if e.get("conversations") else {"messages": None}
+                    for e in examples]
         fmt = "messages"
     for number, example in zip(rows or range(1, len(examples) + 1), examples):
         problem = _row_problem(example, fmt, data.loss_on)
         if problem:
             raise DataError(f"{where}, row {number}: {problem}")
     return examples
+
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def _sharegpt_roles(example: dict) -> dict:
+    """ShareGPT's ``human``/``gpt`` speakers as chat roles: TRL's converter renames the keys only."""
+    for message in example["messages"]:
+        if isinstance(message, dict) and message.get("role") in SHAREGPT_ROLES:
+            message["role"] = SHAREGPT_ROLES[message["role"]]
+    return example
 
 
 def _detect_format(columns: list[str], fmt: str, where: str) -> str:
@@ -199,6 +211,9 @@ def _row_problem(row: dict, fmt: str, loss_on: str) -> str | None:
             return "messages has no assistant turn, so nothing would carry loss (or set data.loss_on=all)"
         return None
     prompt, completion = row.get("prompt"), row.get("completion")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if value is None:
+            return f"column {name!r} is missing or null"
     if isinstance(prompt, list) or isinstance(completion, list):
         if not (isinstance(prompt, list) and isinstance(completion, list)):
             kinds = {k: "a list of messages" if isinstance(v, list) else type(v).__name__
