@@ -80,9 +80,13 @@ def check_resumable(cfg: SFTConfig, storage: str) -> None:
 def main(cfg: SFTConfig) -> dict:
     from llm_platform.training.launch import fit, storage_for
 
+    from llm_platform.training.tracking import check_tracking, save_config
+
     cfg = prepare(cfg)
     check_inputs(cfg)
+    check_tracking(cfg.tracking)
     folder = local_dir(cfg.output_dir, cfg.run_name)
+    save_config(folder, cfg.model_dump(mode="json"))
     storage = storage_for(cfg.storage_path, folder)
     check_resumable(cfg, storage)
     fit(train_loop_per_worker, {"config": cfg.model_dump()}, cfg.scaling, cfg.run_name,

@@ -146,6 +146,24 @@ class ScalingSettings(FrozenConfig):
     """Worker-group restarts (from the last checkpoint) before the run fails."""
 
 
+Tracker = Literal["mlflow", "tensorboard", "wandb"]
+
+
+class TrackingSettings(FrozenConfig):
+    """Where metrics are logged besides ``metrics.jsonl``."""
+
+    report_to: list[Tracker] = ["tensorboard"]
+    """Any of mlflow, tensorboard, wandb (``[]``: metrics.jsonl only). TensorBoard event files go to
+    OUTPUT_DIR/tensorboard (``tensorboard --logdir OUTPUT_DIR/tensorboard``)."""
+    experiment: str | None = None
+    """MLflow experiment and W&B project (default: the job's name, e.g. ``llmp-sft``)."""
+    mlflow_tracking_uri: str | None = None
+    """An MLflow tracking server or store (``http://host:5000``, ``sqlite:///mlflow.db``, ``databricks``);
+    default: a local file store, ``file:OUTPUT_DIR/mlruns`` (``mlflow ui --backend-store-uri ...``)."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline: runs are written under OUTPUT_DIR/wandb (``wandb sync`` uploads them later)."""
+
+
 class SFTConfig(FrozenConfig):
     """A supervised fine-tuning run (``python -m train_jobs.sft --config FILE``)."""
 
@@ -166,6 +184,7 @@ class SFTConfig(FrozenConfig):
     data: DataSettings = DataSettings()
     optim: OptimSettings = OptimSettings()
     scaling: ScalingSettings = ScalingSettings()
+    tracking: TrackingSettings = TrackingSettings()
     register_url: str | None = None
     """A running server (http://host:port) to register the trained adapter with."""
     register_name: str | None = None

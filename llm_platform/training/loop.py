@@ -26,7 +26,8 @@ from llm_platform.training.distributed import (WorkerContext, all_gather, all_re
                                                shard, unwrap)
 from llm_platform.training.evaluate import choice_accuracy, collate, eval_loss, sequence_logprobs
 from llm_platform.training.methods import build_model, trainable_parameters
-from llm_platform.training.outputs import MetricsLog, write_summary
+from llm_platform.training.outputs import write_summary
+from llm_platform.training.tracking import RunTracker
 
 
 def global_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list[int]:
@@ -69,7 +70,8 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
         print(f"[rank {ctx.rank}] resumed from the checkpoint at step {start}", flush=True)
     else:
         before = _evaluate(cfg, model, tokenizer, val_set, test_pairs, labels, ctx)
-    log = MetricsLog(folder, resume_step=start if ctx.checkpoint_dir else None) if ctx.is_main else None
+    log = RunTracker(folder, cfg.tracking, cfg.run_name, "sft", cfg.model_dump(mode="json"),
+                     resume_step=start if ctx.checkpoint_dir else None) if ctx.is_main else None
     if log and ctx.checkpoint_dir:
         log.write({"step": start, "event": "resumed"})
 
@@ -116,6 +118,7 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
         summary.update(eval_accuracy=after["eval_accuracy"], eval_accuracy_before=before["eval_accuracy"],
                        eval_examples=len(test_pairs))
     write_summary(folder, summary)
+    log.finish(summary)
     return summary
 
 

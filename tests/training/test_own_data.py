@@ -197,3 +197,53 @@ def test_formats_and_column_mapping_resolve(tiny_models, tmp_path):
                                                                                         "content": "Hello"}
     # The same file through a URI (pyarrow.fs: the path object stores take) reads the same rows.
     assert load_split(DataSettings(source=f"file://{path}", columns=dict(data.columns)), "train")[0] == train
+
+
+@pytest.mark.slow
+def test_resolved_config_and_tracking(ray_local, tiny_models, tmp_path):
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.training.conftest import metric_rows
+
+    data = write_jsonl(tmp_path / "text.jsonl", _rows("text", n=60))
+    out = tmp_path / "out"
+    summary = run_sft("local_sft_chat.yaml", tiny_models["tiny-s"], out, f"data.source={data}", "data.task=null",
+                      "optim.max_steps=6", "optim.log_every=2", "optim.save_every=0", "run_name=tracked",
+                      "tracking.report_to=[mlflow, tensorboard]", "tracking.experiment=own-data")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["data"]["source"] == str(data) and config["optim"]["max_steps"] == 6
+    assert config["model"] == str(tiny_models["tiny-s"]) and config["tracking"]["report_to"] == ["mlflow", "tensorboard"]
+    rows = [r for r in metric_rows(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+
+    client = MlflowClient(tracking_uri=f"file:{out / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("own-data").experiment_id])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    assert run.data.metrics["final/eval_loss"] == pytest.approx(summary["eval_loss"])
+    assert run.data.params["optim.max_steps"] == "6" and run.data.params["data.source"] == str(data)
+    logged = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert yaml.safe_load(Path(logged).read_text()) == config
+
+    events = EventAccumulator(str(out / "tensorboard" / "tracked"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    assert {"learning_rate", "tokens_per_s", "final/eval_loss"} <= set(events.Tags()["scalars"])
+
+
+def test_a_tracker_whose_library_is_missing_is_refused():
+    import importlib.util
+
+    from llm_platform.errors import ConfigError
+    from llm_platform.training.config import TrackingSettings
+    from llm_platform.training.tracking import check_tracking
+
+    check_tracking(TrackingSettings(report_to=["mlflow", "tensorboard"]))  # both are project dependencies
+    if importlib.util.find_spec("wandb") is None:  # W&B is optional: configuring it without it fails up front
+        with pytest.raises(ConfigError, match="report_to: wandb needs the 'wandb' package"):
+            check_tracking(TrackingSettings(report_to=["tensorboard", "wandb"]))
+    else:
+        check_tracking(TrackingSettings(report_to=["wandb"]))
