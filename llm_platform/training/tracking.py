@@ -34,6 +34,17 @@ def check_tracking(tracking: TrackingSettings) -> None:
                               f"installed (pip install {PACKAGES[name] if name != 'mlflow' else 'mlflow-skinny'})")
 
 
+def start_job(cfg, folder: Path) -> None:
+    """What every job's driver does before training: check its trackers, save its resolved config."""
+    check_tracking(cfg.tracking)
+    save_config(folder, cfg.model_dump(mode="json"))
+
+
+def tracker(cfg, folder: Path, job: str, resume_step: int | None = None) -> "RunTracker":
+    """The run tracker of a job config with ``tracking`` and ``run_name`` (rank 0 only)."""
+    return RunTracker(folder, cfg.tracking, cfg.run_name, job, cfg.model_dump(mode="json"), resume_step)
+
+
 def save_config(folder: Path, config: dict) -> Path:
     """The resolved config (after defaults, overrides and path resolution) as ``config.yaml``."""
     path = folder / "config.yaml"
@@ -82,8 +93,8 @@ class RunTracker:
 
     def write(self, row: dict) -> None:
         self.metrics.write(row)
-        figures, step = numeric(row), int(row.get("step", 0))
-        figures.pop("step", None)
+        figures = numeric(row)
+        step = int(figures.pop("step", figures.pop("iteration", 0)))  # PPO's rows count iterations
         if not figures:
             return
         if self._mlflow:
@@ -99,8 +110,11 @@ class RunTracker:
         return self.metrics.rows()
 
     def finish(self, summary: dict | None = None) -> None:
+        """Log the final figures (``summary``, or the ``summary.json`` already written) and close the run."""
+        if summary is None and (self.folder / "summary.json").exists():
+            summary = json.loads((self.folder / "summary.json").read_text())
         figures = {f"final/{k}": v for k, v in numeric(summary or {}).items()}
-        step = int((summary or {}).get("steps", 0) or 0)
+        step = int((summary or {}).get("steps") or (summary or {}).get("iterations") or 0)
         if self._mlflow:
             self._mlflow.finish(figures, step, summary)
         if self._tb:
