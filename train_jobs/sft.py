@@ -1,9 +1,10 @@
 """Supervised fine-tuning on Ray Train: full, LoRA, QLoRA (4-bit NF4 base) or prompt tuning.
 
-Instruction templates turn records into prompt/completion pairs; N workers train with
-FSDP sharding (full, LoRA) or DDP (QLoRA, prompt tuning); checkpoints go to the run's
-storage and a failed worker restarts the group from the last one. Outputs in
-``output_dir``: metrics.jsonl, summary.json, and adapter/ (PEFT) or model/.
+Data in TRL's formats (``text``, ``prompt``/``completion``, ``messages``; ``data.columns`` maps other
+names) or a built-in task; N workers train with FSDP sharding (full, LoRA) or DDP (QLoRA, prompt
+tuning); checkpoints go to the run's storage and a failed worker restarts the group from the last
+one. Outputs in ``output_dir``: config.yaml, metrics.jsonl, summary.json, adapter/ (PEFT) or model/,
+and the trackers' files (``tracking.report_to``).
 
 Locally (starts a Ray cluster on this machine):
     python -m train_jobs.sft --config train_jobs/configs/local_lora.yaml [key=value ...]

@@ -356,8 +356,3 @@ def tokenize_all(examples: list[Example], tokenizer, max_length: int, loss_on: s
         raise DataError(f"{where}: no example has a token that carries loss (data.max_length={max_length})")
     return out
 
-
-def load_pairs(data: DataSettings, split: str, seed: int = 0, tokenizer=None) -> list[PromptPair]:
-    """String prompt/completion pairs of a labelled task's ``split`` (for held-out accuracy)."""
-    return [PromptPair(e["prompt"], e["completion"]) for e in load_examples(data, split, seed)
-            if isinstance(e.get("prompt"), str)]

@@ -200,7 +200,7 @@ def test_formats_and_column_mapping_resolve(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_resolved_config_and_tracking(ray_local, tiny_models, tmp_path):
+def test_resolved_config_and_tracking(ray_local, tiny_models, tmp_path, monkeypatch):
     import yaml
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -218,6 +218,7 @@ def test_resolved_config_and_tracking(ray_local, tiny_models, tmp_path):
     rows = [r for r in metric_rows(out) if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4, 6]
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads file stores behind this opt-in
     client = MlflowClient(tracking_uri=f"file:{out / 'mlruns'}")
     (run,) = client.search_runs([client.get_experiment_by_name("own-data").experiment_id])
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
