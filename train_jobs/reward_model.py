@@ -31,7 +31,7 @@ from llm_platform.alignment.preference_training import check_scaling
 from llm_platform.alignment.preferences import PreferenceData
 from llm_platform.config import FrozenConfig, load_config
 from llm_platform.errors import PlatformError
-from llm_platform.training.config import DType, LoraSettings, OptimSettings, ScalingSettings
+from llm_platform.training.config import DType, LoraSettings, OptimSettings, ScalingSettings, TrackingSettings
 
 
 class RewardJobConfig(FrozenConfig):
@@ -55,6 +55,7 @@ class RewardJobConfig(FrozenConfig):
     """Name of the run under storage_path; a rerun with the same name resumes from its last checkpoint."""
     optim: OptimSettings = OptimSettings(learning_rate=1e-3, warmup_ratio=0.0, max_steps=60)
     scaling: ScalingSettings = ScalingSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     @model_validator(mode="after")
     def _check(self) -> "RewardJobConfig":
@@ -104,7 +105,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 eval_dataset=as_conversations(held_out) if cfg.optim.eval_every else None,
                                 processing_class=tokenizer, peft_config=lora,
                                 callbacks=[settings_callback(cfg.training_settings()), RayTrainReportCallback()])
-        log, train_seconds = train_in_worker(trainer, folder, rank == 0)
+        log, train_seconds = train_in_worker(trainer, folder, rank == 0, cfg, "reward_model")
     if rank != 0:
         return
 
@@ -130,16 +131,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         "reward_mean_eval": sum(held_chosen + held_rejected) / (2 * len(held_out)),
         "train_loss_first": first_loss, "train_loss": last_loss, "train_seconds": train_seconds,
         "output": str(out)})
+    log.finish()
 
 
 def main(cfg: RewardJobConfig) -> dict:
     from llm_platform.alignment.preference_training import check_inputs, check_resumable, prepare
     from llm_platform.training.launch import fit, storage_for
     from llm_platform.training.outputs import local_dir, publish
+    from llm_platform.training.tracking import start_job
 
     cfg = prepare(cfg)
     check_inputs(cfg)
     folder = local_dir(cfg.output_dir, cfg.run_name)
+    start_job(cfg, folder)
     storage = storage_for(cfg.storage_path, folder)
     check_resumable(storage, cfg.run_name, cfg.training_settings())
     fit(train_loop_per_worker, {"config": cfg.model_dump(), "folder": str(folder)}, cfg.scaling, cfg.run_name,

@@ -64,7 +64,8 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path) -> None:
     from llm_platform.engine import AdapterRef, EngineConfig, SamplingParams
     from llm_platform.models.loading import load_causal_lm, load_tokenizer
     from llm_platform.training.distributed import shard, unwrap
-    from llm_platform.training.outputs import MetricsLog, write_summary
+    from llm_platform.training.outputs import write_summary
+    from llm_platform.training.tracking import tracker
 
     torch.manual_seed(cfg.ppo.seed)
     tokenizer = load_tokenizer(cfg.policy_model)
@@ -89,7 +90,7 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path) -> None:
                            cfg.rollout.gpus_per_worker, cfg.run_name)
         reward = ray.remote(RewardWorker).options(num_cpus=0).remote(cfg.reward_model)
         _publish_policy(core, sync_dir, start, pool)
-    log = MetricsLog(folder, resume_step=start if start else None) if ctx.is_main else None
+    log = tracker(cfg, folder, "rlhf", resume_step=start if start else None) if ctx.is_main else None
     sampling = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                               max_tokens=cfg.sampling.max_tokens, logprobs=0, seed=None)
 
@@ -140,6 +141,7 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path) -> None:
             "logprob_abs_diff_max": max(r["logprob_abs_diff"] for r in rows),
             "rollout_workers_replaced": pool.replaced, "resumed_from_iteration": start or None,
             "output": str(folder / "adapter")})
+        log.finish()
         pool.shutdown()
 
 
@@ -265,8 +267,11 @@ def main(cfg: RLHFConfig) -> dict:
     from llm_platform.training.launch import fit, storage_for
     from llm_platform.training.outputs import local_dir, publish
 
+    from llm_platform.training.tracking import start_job
+
     cfg = prepare(cfg)
     folder = local_dir(cfg.output_dir, cfg.run_name)
+    start_job(cfg, folder)
     fit(train_loop_per_worker, {"config": cfg.model_dump(), "folder": str(folder)}, cfg.scaling, cfg.run_name,
         storage_for(cfg.storage_path, folder))
     publish(folder, cfg.output_dir)

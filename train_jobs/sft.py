@@ -1,9 +1,10 @@
 """Supervised fine-tuning on Ray Train: full, LoRA, QLoRA (4-bit NF4 base) or prompt tuning.
 
-Instruction templates turn records into prompt/completion pairs; N workers train with
-FSDP sharding (full, LoRA) or DDP (QLoRA, prompt tuning); checkpoints go to the run's
-storage and a failed worker restarts the group from the last one. Outputs in
-``output_dir``: metrics.jsonl, summary.json, and adapter/ (PEFT) or model/.
+Data in TRL's formats (``text``, ``prompt``/``completion``, ``messages``; ``data.columns`` maps other
+names) or a built-in task; N workers train with FSDP sharding (full, LoRA) or DDP (QLoRA, prompt
+tuning); checkpoints go to the run's storage and a failed worker restarts the group from the last
+one. Outputs in ``output_dir``: config.yaml, metrics.jsonl, summary.json, adapter/ (PEFT) or model/,
+and the trackers' files (``tracking.report_to``).
 
 Locally (starts a Ray cluster on this machine):
     python -m train_jobs.sft --config train_jobs/configs/local_lora.yaml [key=value ...]
@@ -45,15 +46,18 @@ def prepare(cfg: SFTConfig) -> SFTConfig:
 
 
 def check_inputs(cfg: SFTConfig) -> None:
-    """Fail in seconds, before any worker starts, on a wrong model path or dataset."""
+    """Fail in seconds, before any worker starts, on a wrong model path or dataset: every row is checked, and
+    the first rows of each split are tokenized (a chat template that refuses them fails here)."""
     from llm_platform.models.loading import load_tokenizer
-    from llm_platform.training.data import load_pairs
+    from llm_platform.training.data import load_split, task_labels, tokenize_all
     from llm_platform.training.methods import peft_config
 
-    load_tokenizer(cfg.model)
-    for split in ("train", "validation", "test"):
-        if not load_pairs(cfg.data, split):
+    tokenizer = load_tokenizer(cfg.model)
+    for split in ("train", "validation", "test") if task_labels(cfg.data) else ("train", "validation"):
+        examples, where, rows = load_split(cfg.data, split)
+        if not examples:
             raise PlatformError(f"data.source {cfg.data.source}: the {split} split is empty")
+        tokenize_all(examples[:8], tokenizer, cfg.data.max_length, cfg.data.loss_on, where, rows)
     if cfg.is_adapter:
         peft_config(cfg)
 
@@ -77,9 +81,13 @@ def check_resumable(cfg: SFTConfig, storage: str) -> None:
 def main(cfg: SFTConfig) -> dict:
     from llm_platform.training.launch import fit, storage_for
 
+    from llm_platform.training.tracking import check_tracking, save_config
+
     cfg = prepare(cfg)
     check_inputs(cfg)
+    check_tracking(cfg.tracking)
     folder = local_dir(cfg.output_dir, cfg.run_name)
+    save_config(folder, cfg.model_dump(mode="json"))
     storage = storage_for(cfg.storage_path, folder)
     check_resumable(cfg, storage)
     fit(train_loop_per_worker, {"config": cfg.model_dump()}, cfg.scaling, cfg.run_name,

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from llm_platform.config import FrozenConfig
-from llm_platform.training.config import LoraSettings, ScalingSettings
+from llm_platform.training.config import LoraSettings, ScalingSettings, TrackingSettings
 
 
 class RolloutSettings(FrozenConfig):
@@ -77,6 +77,7 @@ class RLHFConfig(FrozenConfig):
     sampling: SamplingSettings = SamplingSettings()
     ppo: PPOSettings = PPOSettings()
     scaling: ScalingSettings = ScalingSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     @model_validator(mode="after")
     def _check(self) -> "RLHFConfig":

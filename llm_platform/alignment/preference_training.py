@@ -88,7 +88,8 @@ def metrics_callback(log: MetricsLog | None):
     return MetricsCallback()
 
 
-def train_in_worker(trainer, folder: Path, is_main: bool) -> tuple[MetricsLog | None, float]:
+def train_in_worker(trainer, folder: Path, is_main: bool, cfg=None,
+                    job: str = "train") -> tuple[MetricsLog | None, float]:
     """Train, resuming from the run's last Ray Train checkpoint if there is one; rank 0 logs to
     ``folder/metrics.jsonl`` (after a restart, the rows up to the resumed step are kept). Returns the
     log (None on other ranks) and the training seconds."""
@@ -101,7 +102,14 @@ def train_in_worker(trainer, folder: Path, is_main: bool) -> tuple[MetricsLog | 
     with checkpoint.as_directory() if checkpoint else nullcontext() as restored:  # downloaded if remote
         resume = Path(restored) / RayTrainReportCallback.CHECKPOINT_NAME if restored else None
         step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else None
-        log = MetricsLog(folder, resume_step=step) if is_main else None
+        if not is_main:
+            log = None
+        elif cfg is not None:  # metrics.jsonl and the configured trackers (config.tracking)
+            from llm_platform.training.tracking import tracker
+
+            log = tracker(cfg, folder, job, resume_step=step)
+        else:
+            log = MetricsLog(folder, resume_step=step)
         if resume:
             print(f"resuming from the checkpoint at step {step}", flush=True)
             if log is not None:

@@ -3,6 +3,8 @@
 ``source`` is one of
 - ``synthetic:NAME`` with NAME in :data:`llm_platform.data.synthetic.GENERATORS`;
 - a ``.jsonl``/``.json``/``.parquet`` file, or a folder holding ``SPLIT.jsonl`` or ``SPLIT.parquet``;
+- the same on an object store or any file system pyarrow reaches (``s3://bucket/data/train.jsonl``,
+  ``gs://...``, ``file://...``; S3-compatible stores take ``?endpoint_override=HOST:PORT&scheme=http``);
 - a Hugging Face hub dataset name (``super_glue`` with ``subset="axb"``, ``knkarthick/dialogsum``),
   which needs network access and so is only used by GPU-cluster configs.
 """
@@ -50,6 +52,8 @@ def load_records(source: str, split: str = "train", subset: str | None = None, l
     """Load ``split`` of ``source`` as a :class:`datasets.Dataset`, checking ``columns`` exist."""
     if source.startswith("synthetic:"):
         dataset = datasets.Dataset.from_list(synthetic_split(source.removeprefix("synthetic:"), split))
+    elif "://" in source:
+        dataset = _load_uri(source, split)
     elif Path(source).exists():
         dataset = _load_local(Path(source), split)
     elif source.startswith(("/", ".", "~")) or Path(source).suffix in FILE_SUFFIXES:
@@ -85,6 +89,30 @@ def _key(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k not in ("idx", "id")}, sort_keys=True)
 
 
+def is_split_file(source: str) -> bool:
+    """Whether ``source`` names one data file (all of its rows are one split), not a folder of split files."""
+    return not source.startswith("synthetic:") and Path(source.split("?")[0]).suffix in FILE_SUFFIXES
+
+
+def available_splits(source: str) -> tuple[str, ...] | None:
+    """Splits a synthetic set or a local folder holds; ``None`` where unknown (a file, a URI, a hub set)."""
+    if source.startswith("synthetic:"):
+        return SPLITS
+    path = Path(source)
+    if "://" not in source and path.is_dir():
+        return tuple(s for s in SPLITS if any((path / f"{s}{suffix}").is_file() for suffix in FILE_SUFFIXES))
+    return None
+
+
+def data_file(source: str, split: str) -> str:
+    """The file a local ``source`` reads ``split`` from (for error messages naming it)."""
+    path = Path(source)
+    if "://" not in source and path.is_dir():
+        found = [path / f"{split}{suffix}" for suffix in FILE_SUFFIXES if (path / f"{split}{suffix}").is_file()]
+        return str(found[0]) if found else str(path)
+    return source
+
+
 def _load_local(path: Path, split: str) -> datasets.Dataset:
     if path.is_dir():
         candidates = [path / f"{split}{suffix}" for suffix in FILE_SUFFIXES]
@@ -98,7 +126,66 @@ def _load_local(path: Path, split: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for a malformed file
-        raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        where = _bad_json_line(path.read_bytes()) if builder == "json" else ""
+        raise DataError(f"cannot read {path}{where}: {type(exc).__name__}: {exc}") from None
+
+
+def _bad_json_line(data: bytes) -> str:
+    """``", line N: ..."`` for the first line of a JSON Lines file that is not a JSON object.
+    Hand-written because datasets' JSON builder reports only "An error occurred while generating the dataset"."""
+    text = data.decode("utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # a JSON array, not JSON Lines
+        return ""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f", line {number}: not valid JSON ({exc.msg} at column {exc.colno})"
+        if not isinstance(row, dict):
+            return f", line {number}: a JSON {type(row).__name__}, expected an object with named columns"
+    return ""
+
+
+def _load_uri(uri: str, split: str) -> datasets.Dataset:
+    """A file (or a folder of split files) on any file system pyarrow.fs reaches: S3, GCS, HDFS, file://."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            names = [f"{path.rstrip('/')}/{split}{suffix}" for suffix in FILE_SUFFIXES]
+            found = [n for n, info in zip(names, fs.get_file_info(names)) if info.type == pafs.FileType.File]
+            if not found:
+                raise DataError(f"{uri} has no {split}.jsonl, {split}.json or {split}.parquet")
+            path = found[0]
+        elif fs.get_file_info(path).type != pafs.FileType.File:
+            raise DataError(f"dataset {uri} does not exist")
+        suffix = Path(path).suffix
+        if suffix not in FILE_SUFFIXES:
+            raise DataError(f"cannot read {uri}: expected one of {', '.join(FILE_SUFFIXES)}")
+        if suffix == ".parquet":
+            return datasets.Dataset(pq.read_table(path, filesystem=fs))
+        with fs.open_input_stream(path) as stream:
+            data = stream.read()
+    except DataError:
+        raise
+    except Exception as exc:  # credentials, endpoint, permissions: one clear error naming the URI
+        raise DataError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from None
+    text = data.decode("utf-8", errors="replace")
+    try:
+        if text.lstrip().startswith("["):  # a JSON array of objects
+            return datasets.Dataset.from_list(json.loads(text))
+        where = _bad_json_line(data)
+        if where:
+            raise DataError(f"cannot read {uri}{where}")
+        return datasets.Dataset.from_list([json.loads(line) for line in text.splitlines() if line.strip()])
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from None
 
 
 def _load_hub(name: str, split: str, subset: str | None) -> datasets.Dataset:

@@ -45,21 +45,71 @@ class PromptTuningSettings(FrozenConfig):
     """Initialise the virtual tokens from this text's embeddings (random when unset)."""
 
 
+FORMAT_COLUMNS = ("text", "prompt", "completion", "messages")
+"""Standard column names of TRL's dataset formats that ``data.columns`` can map other names onto."""
+TaskName = Literal["sentiment", "dialogsum", "chat", "chat_unfiltered"]
+TASK_OF_SYNTHETIC = {"synthetic:sentiment": "sentiment", "synthetic:dialogsum": "dialogsum",
+                     "synthetic:preferences": "chat"}
+
+
 class DataSettings(FrozenConfig):
-    """Where records come from and how they become prompt/completion pairs."""
+    """Where records come from and which of TRL's dataset formats they are in.
+
+    Formats (as TRL and the hub use them): ``text`` (language modelling: every token carries loss),
+    ``prompt``/``completion`` (strings, or lists of ``{"role", "content"}`` messages rendered with the
+    model's chat template) and ``messages`` (a multi-turn conversation, ``system`` turns included)."""
 
     source: str = "synthetic:sentiment"
-    """``synthetic:NAME``, a JSONL/Parquet file or folder of split files, or a hub dataset name."""
-    task: Literal["sentiment", "dialogsum", "chat", "chat_unfiltered"] = "sentiment"
-    """Which instruction templates turn a record into a pair (and whether it has labels)."""
+    """``synthetic:NAME``, a JSONL/Parquet file or folder of split files (local or ``s3://``, ``gs://``), or a
+    hub dataset name."""
+    task: TaskName | None = None
+    """A built-in task that turns its records into prompt/completion pairs (sentiment and dialogsum: their
+    instruction templates; chat, chat_unfiltered: a preference set's prompt and reply as a conversation).
+    Unset: ``synthetic:sentiment``/``dialogsum``/``preferences`` use sentiment/dialogsum/chat, any other source
+    is read as it is, in the format its columns show."""
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    """The records' format; auto: ``messages`` if that column exists, else ``prompt`` + ``completion``, else
+    ``text`` (a ShareGPT ``conversations`` column of ``from``/``value`` turns is converted to ``messages``)."""
+    columns: dict[str, str] = {}
+    """Standard name -> the dataset's column, for data whose columns are named otherwise, e.g.
+    ``{prompt: question, completion: answer}`` or ``{messages: dialog}``."""
+    loss_on: Literal["completion", "all"] = "completion"
+    """completion: only completions (prompt/completion) and assistant turns (messages) carry loss; all: every
+    token, prompts and user turns too. Text data is always trained on every token."""
     subset: str | None = None
     """Hub dataset configuration name, if any."""
+    eval_source: str | None = None
+    """Held-out data (a file, folder or URI in the same format); unset: the source's validation/test splits,
+    or for a single file (or a folder with only a train split) the last ``eval_fraction`` of its rows."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of a single file's rows held out for validation when it has no held-out split."""
     train_limit: int | None = Field(None, ge=1)
     """Use at most this many training records."""
     eval_limit: int | None = Field(200, ge=1)
     """Held-out records for validation loss and accuracy."""
     max_length: int = Field(256, ge=8)
-    """Pairs are truncated to this many tokens."""
+    """Examples are truncated to this many tokens: text and conversations keep their start (as TRL does),
+    prompt/completion pairs their end, where the completion is."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSettings":
+        unknown = sorted(set(self.columns) - set(FORMAT_COLUMNS))
+        if unknown:
+            raise ValueError(f"data.columns: unknown standard name(s) {unknown}; map one of "
+                             f"{', '.join(FORMAT_COLUMNS)} to your column, e.g. {{prompt: question}}")
+        if self.task and (self.columns or self.format != "auto"):
+            raise ValueError(f"data.task={self.task} reads its own columns; data.columns and data.format apply "
+                             "to records used as they are (leave data.task unset)")
+        return self
+
+    @property
+    def resolved_task(self) -> str | None:
+        """The built-in task, if any (explicit, or implied by a synthetic source)."""
+        if self.task:
+            return self.task
+        if self.format == "auto" and not self.columns:
+            return TASK_OF_SYNTHETIC.get(self.source)
+        return None
 
 
 class OptimSettings(FrozenConfig):
@@ -96,6 +146,24 @@ class ScalingSettings(FrozenConfig):
     """Worker-group restarts (from the last checkpoint) before the run fails."""
 
 
+Tracker = Literal["mlflow", "tensorboard", "wandb"]
+
+
+class TrackingSettings(FrozenConfig):
+    """Where metrics are logged besides ``metrics.jsonl``."""
+
+    report_to: list[Tracker] = ["tensorboard"]
+    """Any of mlflow, tensorboard, wandb (``[]``: metrics.jsonl only). TensorBoard event files go to
+    OUTPUT_DIR/tensorboard (``tensorboard --logdir OUTPUT_DIR/tensorboard``)."""
+    experiment: str | None = None
+    """MLflow experiment and W&B project (default: the job's name, e.g. ``llmp-sft``)."""
+    mlflow_tracking_uri: str | None = None
+    """An MLflow tracking server or store (``http://host:5000``, ``sqlite:///mlflow.db``, ``databricks``);
+    default: a local file store, ``file:OUTPUT_DIR/mlruns`` (``mlflow ui --backend-store-uri ...``)."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline: runs are written under OUTPUT_DIR/wandb (``wandb sync`` uploads them later)."""
+
+
 class SFTConfig(FrozenConfig):
     """A supervised fine-tuning run (``python -m train_jobs.sft --config FILE``)."""
 
@@ -116,6 +184,7 @@ class SFTConfig(FrozenConfig):
     data: DataSettings = DataSettings()
     optim: OptimSettings = OptimSettings()
     scaling: ScalingSettings = ScalingSettings()
+    tracking: TrackingSettings = TrackingSettings()
     register_url: str | None = None
     """A running server (http://host:port) to register the trained adapter with."""
     register_name: str | None = None

@@ -54,14 +54,13 @@ def _share(items: list, ctx: WorkerContext, batch_size: int) -> list[list[tuple[
 
 
 @torch.no_grad()
-def eval_loss(model, pairs: list[PromptPair], tokenizer, ctx: WorkerContext, max_length: int,
-              batch_size: int = 16) -> float:
-    """Mean per-token loss of the completions over all held-out pairs (all workers)."""
+def eval_loss(model, examples: list[dict], tokenizer, ctx: WorkerContext, batch_size: int = 16) -> float:
+    """Mean per-token loss of the tokens that carry loss over all held-out tokenized ``examples`` (each
+    ``input_ids`` + ``completion_mask``), on all workers."""
     model.eval()
     total, count = 0.0, 0.0
-    for chunk in _share(pairs, ctx, batch_size):
-        batch = collate([tokenize_pair(p, tokenizer, max_length) for p, _ in chunk], tokenizer.pad_token_id,
-                        ctx.device)
+    for chunk in _share(examples, ctx, batch_size):
+        batch = collate([e for e, _ in chunk], tokenizer.pad_token_id, ctx.device)
         logprob, n = sequence_logprobs(model, batch)
         weights = torch.tensor([w for _, w in chunk], device=logprob.device)
         total -= float((logprob * weights).sum())

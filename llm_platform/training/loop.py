@@ -17,15 +17,17 @@ from pathlib import Path
 import torch
 from transformers import get_linear_schedule_with_warmup
 
+from llm_platform.data.templates import PromptPair
 from llm_platform.models.loading import load_tokenizer
 from llm_platform.training import checkpoint
 from llm_platform.training.config import SFTConfig, training_settings
-from llm_platform.training.data import TASKS, load_pairs, tokenize_pair
+from llm_platform.training.data import load_split, task_labels, tokenize_all
 from llm_platform.training.distributed import (WorkerContext, all_gather, all_reduce_sum, held_parameter_bytes,
                                                shard, unwrap)
 from llm_platform.training.evaluate import choice_accuracy, collate, eval_loss, sequence_logprobs
 from llm_platform.training.methods import build_model, trainable_parameters
-from llm_platform.training.outputs import MetricsLog, write_summary
+from llm_platform.training.outputs import write_summary
+from llm_platform.training.tracking import RunTracker
 
 
 def global_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list[int]:
@@ -44,10 +46,11 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
     """Train per ``cfg``; rank 0 writes metrics.jsonl, summary.json and the weights into ``folder``."""
     torch.manual_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg.model)
-    task = TASKS[cfg.data.task]
-    train_pairs = load_pairs(cfg.data, "train", seed=cfg.optim.seed, tokenizer=tokenizer)
-    val_pairs = load_pairs(cfg.data, "validation", tokenizer=tokenizer)
-    test_pairs = load_pairs(cfg.data, "test", tokenizer=tokenizer)
+    labels = task_labels(cfg.data)
+    train_set = load_tokenized(cfg, tokenizer, "train")
+    val_set = load_tokenized(cfg, tokenizer, "validation")
+    # Accuracy ranks a labelled task's label words after each test prompt.
+    test_pairs = [PromptPair(e["prompt"], e["completion"]) for e in load_split(cfg.data, "test")[0]] if labels else []
 
     model = build_model(cfg, str(ctx.device))
     total_bytes = held_parameter_bytes(model)
@@ -66,18 +69,18 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
         start, before = progress["step"], progress["before"]
         print(f"[rank {ctx.rank}] resumed from the checkpoint at step {start}", flush=True)
     else:
-        before = _evaluate(cfg, model, tokenizer, val_pairs, test_pairs, task.labels, ctx)
-    log = MetricsLog(folder, resume_step=start if ctx.checkpoint_dir else None) if ctx.is_main else None
+        before = _evaluate(cfg, model, tokenizer, val_set, test_pairs, labels, ctx)
+    log = RunTracker(folder, cfg.tracking, cfg.run_name, "sft", cfg.model_dump(mode="json"),
+                     resume_step=start if ctx.checkpoint_dir else None) if ctx.is_main else None
     if log and ctx.checkpoint_dir:
         log.write({"step": start, "event": "resumed"})
 
     loop_start = time.perf_counter()
-    order = global_order(len(train_pairs), cfg.optim.max_steps, cfg.optim.batch_size, cfg.optim.seed)
+    order = global_order(len(train_set), cfg.optim.max_steps, cfg.optim.batch_size, cfg.optim.seed)
     window = {"loss": 0.0, "loss_tokens": 0.0, "tokens": 0.0, "steps": 0, "t0": time.perf_counter()}
     for step in range(start + 1, cfg.optim.max_steps + 1):
         batch_ids = order[(step - 1) * cfg.optim.batch_size: step * cfg.optim.batch_size][ctx.rank::ctx.world]
-        batch = collate([tokenize_pair(train_pairs[i], tokenizer, cfg.data.max_length) for i in batch_ids],
-                        tokenizer.pad_token_id, ctx.device)
+        batch = collate([train_set[i] for i in batch_ids], tokenizer.pad_token_id, ctx.device)
         loss_sum, loss_tokens, tokens = _train_step(cfg, model, optimizer, scheduler, batch, ctx)
         window["loss"] += loss_sum
         window["loss_tokens"] += loss_tokens
@@ -89,7 +92,7 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
             continue
         row = _window_row(step, cfg, window, scheduler)
         if evaluate_now:
-            row["eval_loss"] = eval_loss(model, val_pairs, tokenizer, ctx, cfg.data.max_length)
+            row["eval_loss"] = eval_loss(model, val_set, tokenizer, ctx)
         if ctx.is_main:
             log.write(row)
             print(_progress_line(row, cfg.optim.max_steps), flush=True)
@@ -97,7 +100,7 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
         window = {"loss": 0.0, "loss_tokens": 0.0, "tokens": 0.0, "steps": 0, "t0": time.perf_counter()}
 
     train_seconds = time.perf_counter() - loop_start
-    after = _evaluate(cfg, model, tokenizer, val_pairs, test_pairs, task.labels, ctx)
+    after = _evaluate(cfg, model, tokenizer, val_set, test_pairs, labels, ctx)
     state = checkpoint.full_state_dict(model, cfg.is_adapter)
     if not ctx.is_main:
         return {}
@@ -115,6 +118,7 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
         summary.update(eval_accuracy=after["eval_accuracy"], eval_accuracy_before=before["eval_accuracy"],
                        eval_examples=len(test_pairs))
     write_summary(folder, summary)
+    log.finish(summary)
     return summary
 
 
@@ -159,8 +163,14 @@ def _report(cfg, ctx, model, optimizer, scheduler, row, before, save_now) -> Non
         ctx.report(row, tmp)
 
 
-def _evaluate(cfg, model, tokenizer, val_pairs, test_pairs, labels, ctx) -> dict:
-    figures = {"eval_loss": eval_loss(model, val_pairs, tokenizer, ctx, cfg.data.max_length)}
+def load_tokenized(cfg: SFTConfig, tokenizer, split: str) -> list[dict]:
+    """``split``'s examples as ``input_ids`` + ``completion_mask``, tokenized once before the step loop."""
+    examples, where, rows = load_split(cfg.data, split, seed=cfg.optim.seed)
+    return tokenize_all(examples, tokenizer, cfg.data.max_length, cfg.data.loss_on, where, rows)
+
+
+def _evaluate(cfg, model, tokenizer, val_set, test_pairs, labels, ctx) -> dict:
+    figures = {"eval_loss": eval_loss(model, val_set, tokenizer, ctx)}
     if labels:
         figures["eval_accuracy"] = choice_accuracy(model, test_pairs, labels, tokenizer, ctx, cfg.data.max_length)
     return figures
