@@ -279,7 +279,11 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train_jobs.rlhf", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. train_jobs/configs/local_rlhf.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. ppo.iterations=4")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show the Ray workers' and vLLM's own output too (LLMP_LOG_LEVEL=INFO); by default the "
+                             "console shows progress lines and the workers' output stays in Ray's session logs")
     args = parser.parse_args(argv)
+    console.setup(verbose=args.verbose)
     try:
         summary = main(load_config(RLHFConfig, args.config, args.overrides))
     except PlatformError as exc:
