@@ -56,8 +56,10 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
     held = all_gather(held_parameter_bytes(model))
     held_line = (f"[rank {ctx.rank}] holds {held[ctx.rank]:,} of {total_bytes:,} parameter bytes "
                  f"({cfg.sharding}, {ctx.world} worker(s))")
-    # On the console only where there is something to see: how the shards split over several workers.
-    console.progress(held_line) if ctx.world > 1 else print(held_line, flush=True)
+    if ctx.world > 1:  # on the console only where there is something to see: how the shards split
+        console.progress(held_line)
+    else:
+        print(held_line, flush=True)
 
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.optim.learning_rate,
                                   weight_decay=cfg.optim.weight_decay)
