@@ -11,7 +11,10 @@
                                           the course's experiments: latency by size, prompting styles,
                                           ROUGE/BLEU and forgetting after fine-tuning
     llmp plan --params 7e9 [--method M] [--dtype D] [--json F] [--plot F]   memory to serve or train, by component
-    llmp demo [key=value ...]             the end-to-end run on the embedded default
+    llmp demo [--quick] [--verbose] [key=value ...]   the end-to-end run on the embedded default
+
+Consoles are quiet by default (the platform's progress and results; libraries' messages go to log
+files): ``--verbose`` or ``LLMP_LOG_LEVEL=WARNING|INFO|DEBUG`` shows them (``llm_platform.console``).
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--params", type=float, help="parameter count, e.g. 7e9")
     plan.add_argument("--model", help="checkpoint folder or hub id: parameter count and shape read from it")
     plan.add_argument("--method", choices=["inference", "full", "lora", "qlora", "all"], default="all")
-    plan.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8", "4bit", "all"], default="all",
-                      help="base weights (qlora always uses 4bit)")
+    plan.add_argument("--dtype", type=_plan_dtype, choices=["fp32", "fp16", "bf16", "int8", "4bit", "all"],
+                      default="all", metavar="{fp32,fp16,bf16,int8,4bit,all}",
+                      help="base weights; torch's names work too (float32, float16, bfloat16); qlora always uses 4bit")
     plan.add_argument("--context", type=int, default=2048, help="tokens per sequence in the KV cache")
     plan.add_argument("--batch", type=int, default=1, help="sequences served at once")
     for dim in ("layers", "hidden", "heads", "kv-heads", "head-dim", "intermediate"):
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     broll.set_defaults(run=_bench_rollout)
 
     demo = commands.add_parser("demo", help="the end-to-end run on the embedded default")
+    demo.add_argument("--quick", action="store_true", help="the same chain, smaller: a few minutes (quick=true)")
+    demo.add_argument("--verbose", "-v", action="store_true",
+                      help="show Ray's, vLLM's and the workers' own messages too (same as LLMP_LOG_LEVEL=INFO)")
     demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_tokens=32")
     demo.set_defaults(run=_demo)
 
@@ -118,8 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except PlatformError as exc:
-        print(f"llmp: error: {exc}", file=sys.stderr)
+        from llm_platform import console
+
+        console.error(f"llmp: error: {exc}")
         return 2
+
+
+def _plan_dtype(text: str) -> str:
+    """``--dtype``: either spelling (float32 or fp32), as the plan's short name."""
+    from llm_platform.dtypes import short_dtype
+
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return short_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _build_tiny(args) -> None:
@@ -230,10 +251,12 @@ def _bench_rollout(args) -> None:
 
 
 def _demo(args) -> None:
-    from llm_platform import demo
+    from llm_platform import console, demo
     from llm_platform.config import load_config
 
-    demo.run(load_config(demo.DemoConfig, overrides=args.overrides))
+    cfg = load_config(demo.DemoConfig, overrides=args.overrides + (["quick=true"] if args.quick else []))
+    console.setup(cfg.log_dir, verbose=args.verbose)
+    demo.run(cfg)
 
 
 if __name__ == "__main__":

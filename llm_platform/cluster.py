@@ -9,6 +9,9 @@ else the *most recently started* cluster on the machine. With two local clusters
 training job, say) it asks the wrong one, which knows no such controller, and frees the placement
 group of a live run: its workers die mid-training ("worker health check failed"). Pointing every
 process of the cluster at its own dashboard (``RAY_API_SERVER_ADDRESS``) removes the guess.
+
+What reaches the console follows ``llm_platform.console``: quietly (the default) workers' output
+stays in the cluster's log files and only the platform's progress lines come through its relay.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import socket
 
 import ray
+
+from llm_platform import console
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
@@ -28,19 +33,35 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def connect(num_cpus: int | None = None, log_to_driver: bool = True, logging_level: str = "WARNING",
-            env_vars: dict[str, str] | None = None) -> None:
+def connect(num_cpus: int | None = None, log_to_driver: bool | None = None, logging_level: str | None = None,
+            env_vars: dict[str, str] | None = None, relay_progress: bool = True) -> None:
     """Join ``RAY_ADDRESS``'s cluster, or start a local one (``num_cpus`` logical CPUs, default: the
     cores) with a dashboard on a free port that its processes use as their state API. ``env_vars`` go
-    to every worker of this driver. A no-op when Ray is already initialised."""
+    to every worker of this driver. ``log_to_driver`` and ``logging_level`` default to the console
+    level (quiet: workers' output stays in log files; verbose: forwarded). With ``relay_progress``
+    the workers' progress lines (``console.progress``) are printed here. A no-op when Ray is
+    already initialised."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
+    lvl = console.level()
+    log_to_driver = lvl is not None if log_to_driver is None else log_to_driver
+    logging_level = logging_level or (lvl if lvl in ("DEBUG", "INFO") else "WARNING")
+    relay = console.relay_env() if relay_progress else {}
+    env = {**console.library_env(), **relay, **(env_vars or {})}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=log_to_driver, logging_level=logging_level, runtime_env=runtime_env)
-        return
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             log_to_driver=log_to_driver, logging_level=logging_level,
-             runtime_env={"env_vars": {**(env_vars or {}), API_SERVER_ENV: api}})
+        context = ray.init(log_to_driver=log_to_driver, logging_level=logging_level,
+                           runtime_env={"env_vars": env})
+    else:
+        port = free_port()
+        api = f"http://127.0.0.1:{port}"
+        context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=port, log_to_driver=log_to_driver, logging_level=logging_level,
+                           runtime_env={"env_vars": {**env, API_SERVER_ENV: api}})
+    if relay:
+        console.start_relay(relay[console.RELAY_ENV], context.address_info.get("session_dir"))
+
+
+def shutdown() -> None:
+    """Print the last progress lines, then leave (or stop) the cluster."""
+    console.stop_relay()
+    ray.shutdown()

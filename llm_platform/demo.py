@@ -9,18 +9,24 @@
 3. serves the SFT model, registers the PPO adapter with the running server and asks
    both over HTTP, scoring the answers with the reward model.
 
-    llmp demo [--out artifacts/demo] [key=value ...]
+    llmp demo [--quick] [--verbose] [key=value ...]
+
+The console shows the steps, one progress line per logging interval per job, and the tables;
+everything else (Ray workers, vLLM, the server) is in OUT/logs/ (see ``llm_platform.console``).
+``quick=true`` (``--quick``) runs the same chain smaller: tiny-s only, fewer steps and iterations.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from llm_platform import console
 from llm_platform.config import FrozenConfig
 from llm_platform.data.prompts import COURSE_PROMPTS
 from llm_platform.engine import Engine, EngineConfig, SamplingParams, build_engine
@@ -39,6 +45,28 @@ class DemoConfig(FrozenConfig):
     """New tokens per prompt (greedy)."""
     rlhf: bool = True
     """Run the SFT -> reward model -> PPO -> serve part."""
+    quick: bool = False
+    """The same chain, smaller (a couple of minutes): tiny-s only, 16 new tokens, fewer training steps and PPO
+    iterations, one question to the server."""
+
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        return TINY_NAMES[:1] if self.quick else TINY_NAMES
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.out) / "logs"
+
+# Job settings on top of the local configs: fewer progress lines for the console (log_every), and the
+# quick mode's smaller runs.
+JOB_OVERRIDES = {
+    "sft": {False: ["optim.log_every=25"],
+            True: ["optim.max_steps=40", "optim.log_every=20", "optim.save_every=20", "data.eval_limit=40"]},
+    "reward": {False: ["optim.log_every=10"],
+               True: ["optim.max_steps=10", "optim.log_every=5", "optim.save_every=10", "data.eval_limit=50"]},
+    "ppo": {False: [], True: ["ppo.iterations=3", "ppo.prompts_per_iteration=16", "ppo.save_every=3"]},
+}
+QUESTIONS = ("Any advice on tea?", "How can I get better at cycling?", "Can you help me with plants?")
 
 
 async def time_prompts(engine: Engine, params: SamplingParams) -> list[dict]:
@@ -56,12 +84,25 @@ async def time_prompts(engine: Engine, params: SamplingParams) -> list[dict]:
 
 
 def run(cfg: DemoConfig) -> dict:
+    if console.log_file():
+        print(f"llmp demo: logs go to {cfg.log_dir}/ (add --verbose, or set LLMP_LOG_LEVEL=INFO, to see them here)",
+              flush=True)
+    if cfg.quick:
+        cfg = cfg.model_copy(update={"max_tokens": min(cfg.max_tokens, 16)})
     summary = asyncio.run(_run(cfg))
     if cfg.rlhf:
         summary["rlhf"] = run_rlhf(cfg)
     write_json(f"{cfg.out}/summary.json", summary)
-    print(f"\nwrote {cfg.out}/summary.json")
+    print(f"\nwrote {cfg.out}/summary.json; logs in {cfg.log_dir}/: " +
+          ", ".join(f"{name} ({what})" for name, what in _logs(cfg)))
     return summary
+
+
+def _logs(cfg: DemoConfig) -> list[tuple[str, str]]:
+    """The log files the run left, with what each holds."""
+    found = [("llmp.log", "this process: vLLM engines, warnings"), ("ray/", "every Ray worker and actor"),
+             ("server.log", "the HTTP server")]
+    return [(name, what) for name, what in found if (cfg.log_dir / name).exists()]
 
 
 async def _run(cfg: DemoConfig) -> dict:
@@ -69,7 +110,7 @@ async def _run(cfg: DemoConfig) -> dict:
     paths = build_tiny_models(cfg.models_dir)
     params = SamplingParams(temperature=0, max_tokens=cfg.max_tokens)
     rows, outputs = [], {}
-    for size in TINY_NAMES:
+    for size in cfg.sizes:
         n_params = parameter_count(paths[size])
         for kind in cfg.engines:
             print(f"[2/5] {size} ({n_params / 1e6:.1f}M parameters) on {kind}: starting engine", flush=True)
@@ -95,10 +136,8 @@ async def _run(cfg: DemoConfig) -> dict:
 
 def run_rlhf(cfg: DemoConfig) -> dict:
     """SFT -> reward model -> PPO as Ray jobs, then the PPO adapter served over HTTP."""
-    import ray
-
     from llm_platform.alignment.config import RLHFConfig
-    from llm_platform.cluster import connect
+    from llm_platform.cluster import connect, shutdown
     from llm_platform.config import load_config
     from llm_platform.training.config import SFTConfig
     from train_jobs import reward_model, rlhf, sft
@@ -107,22 +146,29 @@ def run_rlhf(cfg: DemoConfig) -> dict:
     root = Path(cfg.out) / "rlhf"
     model = f"{cfg.models_dir}/tiny-s"
     connect()
+    session = console.ray_session_dir()
     try:
         print("[3/5] SFT: instruction tuning tiny-s on chat replies (Ray Train)", flush=True)
         sft_summary = sft.main(load_config(SFTConfig, configs / "local_sft_chat.yaml",
-                                           [f"model={model}", f"output_dir={root / 'sft'}", "run_name=demo-sft"]))
+                                           [f"model={model}", f"output_dir={root / 'sft'}", "run_name=demo-sft",
+                                            *JOB_OVERRIDES["sft"][cfg.quick]]))
         sft_model = root / "sft" / "model"
         print("[4/5] reward model (Bradley-Terry) on the preference pairs", flush=True)
         rm_summary = reward_model.main(load_config(reward_model.RewardJobConfig, configs / "local_reward.yaml",
                                                    [f"model={sft_model}", f"output_dir={root / 'reward'}",
-                                                    "run_name=demo-reward"]))
+                                                    "run_name=demo-reward", *JOB_OVERRIDES["reward"][cfg.quick]]))
         print("[5/5] PPO with a vLLM rollout actor and a reward-model actor", flush=True)
         ppo_summary = rlhf.main(load_config(RLHFConfig, configs / "local_rlhf.yaml",
                                             [f"policy_model={sft_model}", f"reward_model={root / 'reward' / 'model'}",
-                                             f"output_dir={root / 'ppo'}", "run_name=demo-ppo"]))
+                                             f"output_dir={root / 'ppo'}", "run_name=demo-ppo",
+                                             *JOB_OVERRIDES["ppo"][cfg.quick]]))
     finally:
-        ray.shutdown()
-    answers = serve_and_ask(sft_model, root / "ppo" / "adapter", root / "reward" / "model", root / "server")
+        shutdown()
+        if session:  # the local cluster's logs (every worker's stdout/stderr) beside this process's
+            shutil.copytree(Path(session) / "logs", cfg.log_dir / "ray", dirs_exist_ok=True)
+    questions = QUESTIONS[:1] if cfg.quick else QUESTIONS
+    answers = serve_and_ask(sft_model, root / "ppo" / "adapter", root / "reward" / "model", root / "server",
+                            questions, cfg.log_dir)
     print("\nRLHF chain:")
     print(format_table([
         {"stage": "sft", "figure": "eval_loss", "before": sft_summary["eval_loss_before"], "after": sft_summary["eval_loss"]},
@@ -135,7 +181,8 @@ def run_rlhf(cfg: DemoConfig) -> dict:
     return {"sft": sft_summary, "reward_model": rm_summary, "ppo": ppo_summary, "answers": answers}
 
 
-def serve_and_ask(sft_model: Path, adapter: Path, reward: Path, workdir: Path) -> list[dict]:
+def serve_and_ask(sft_model: Path, adapter: Path, reward: Path, workdir: Path, questions: tuple[str, ...] = QUESTIONS,
+                  log_dir: Path | None = None) -> list[dict]:
     """Serve the SFT model, register the PPO adapter without a restart, ask both the same questions."""
     import httpx
 
@@ -155,7 +202,7 @@ def serve_and_ask(sft_model: Path, adapter: Path, reward: Path, workdir: Path) -
     try:
         card = register_adapter(server.url, "ppo", "tiny-s-chat", "lora", str(adapter.resolve()))
         print(f"registered {card['id']}", flush=True)
-        for question in ("Any advice on tea?", "How can I get better at cycling?", "Can you help me with plants?"):
+        for question in questions:
             for model in ("tiny-s-chat", "tiny-s-chat:ppo"):
                 reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
                     "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 40,
@@ -165,4 +212,6 @@ def serve_and_ask(sft_model: Path, adapter: Path, reward: Path, workdir: Path) -
                              "answer": text.replace("\n", " ")[:70]})
     finally:
         server.stop()
+        if log_dir:
+            shutil.copy(server.log, log_dir / "server.log")
     return rows

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from llm_platform import console
 from llm_platform.alignment.config import RLHFConfig
 from llm_platform.config import load_config
 from llm_platform.errors import PlatformError
@@ -125,7 +126,7 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path) -> None:
             row["sync_s"] = _publish_policy(core, sync_dir, iteration + 1, pool)
             row["rollout_workers_replaced"] = pool.replaced
             log.write(row)
-            print(_progress(row, cfg.ppo.iterations), flush=True)
+            console.progress(_progress(row, cfg.ppo.iterations))
         verify_sync(row, cfg.ppo.logprob_tolerance)
         _checkpoint(ctx, core, optimizer, kl_control, iteration + 1, row, cfg.ppo.save_every, cfg.ppo.iterations)
 
@@ -236,7 +237,7 @@ def _restore(ctx, core, optimizer, kl_control) -> int:
     core.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     kl_control.value = state["kl_coef"]
-    print(f"[rank {ctx.rank}] resumed from the checkpoint after iteration {state['iteration']}", flush=True)
+    console.progress(f"[rank {ctx.rank}] resumed from the checkpoint after iteration {state['iteration']}")
     return state["iteration"]
 
 
@@ -251,13 +252,14 @@ def _progress(row: dict, iterations: int) -> str:
 def prepare(cfg: RLHFConfig) -> RLHFConfig:
     from llm_platform.models.loading import resolve_model
     from llm_platform.models.tiny import ensure_tiny_model
+    from llm_platform.prerequisites import missing
     from llm_platform.training.outputs import absolute
 
     ensure_tiny_model(cfg.policy_model)
     resolve_model(cfg.policy_model)
     if not Path(cfg.reward_model).expanduser().is_dir() and "://" not in cfg.reward_model:
-        raise PlatformError(f"reward_model {cfg.reward_model} does not exist: train one first with "
-                            f"`python -m train_jobs.reward_model --config train_jobs/configs/local_reward.yaml`")
+        raise PlatformError(missing("reward_model", cfg.reward_model, "train one first with `python -m "
+                                    "train_jobs.reward_model --config train_jobs/configs/local_reward.yaml`"))
     return cfg.model_copy(update={"policy_model": absolute(cfg.policy_model),
                                   "reward_model": absolute(cfg.reward_model),
                                   "output_dir": absolute(cfg.output_dir, create=True)})
@@ -282,7 +284,11 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train_jobs.rlhf", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. train_jobs/configs/local_rlhf.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. ppo.iterations=4")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show the Ray workers' and vLLM's own output too (LLMP_LOG_LEVEL=INFO); by default the "
+                             "console shows progress lines and the workers' output stays in Ray's session logs")
     args = parser.parse_args(argv)
+    console.setup(verbose=args.verbose)
     try:
         summary = main(load_config(RLHFConfig, args.config, args.overrides))
     except PlatformError as exc:

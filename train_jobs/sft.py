@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 
+from llm_platform import console
 from llm_platform.config import load_config
 from llm_platform.errors import PlatformError
 from llm_platform.training.config import SFTConfig, training_settings
@@ -107,7 +108,11 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train_jobs.sft", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. train_jobs/configs/local_lora.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. optim.max_steps=50")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show the Ray workers' and vLLM's own output too (LLMP_LOG_LEVEL=INFO); by default the "
+                             "console shows progress lines and the workers' output stays in Ray's session logs")
     args = parser.parse_args(argv)
+    console.setup(verbose=args.verbose)
     try:
         summary = main(load_config(SFTConfig, args.config, args.overrides))
     except PlatformError as exc:

@@ -145,7 +145,7 @@ def main(search: TuneSearchConfig) -> dict:
         trial_config(search, base, rank, search.lr_max, folder, "check")
     storage = storage_for(search.storage_path, folder) if search.storage_path else str(folder)
     # The trials' step lines stay in the workers' logs: they would drown the search's own progress.
-    connect(log_to_driver=False)
+    connect(log_to_driver=False, relay_progress=False)
 
     started = time.perf_counter()
     print(f"searching LoRA rank {search.ranks} x learning rate [{search.lr_min:.1e}, {search.lr_max:.1e}] on "

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from llm_platform import console
 from llm_platform.errors import PlatformError
 from llm_platform.training.config import OptimSettings, ScalingSettings
 from llm_platform.training.outputs import MetricsLog
@@ -82,8 +83,8 @@ def metrics_callback(log: MetricsLog | None):
             log.write(row)
             shown = [k for k in ("loss", "eval_loss", "accuracy", "eval_accuracy", "margin", "rewards/margins",
                                  "eval_rewards/margins") if k in row]
-            print(f"step {state.global_step:>5}/{state.max_steps} | " +
-                  " | ".join(f"{k} {row[k]:.4f}" for k in shown), flush=True)
+            console.progress(f"step {state.global_step:>5}/{state.max_steps} | " +
+                             " | ".join(f"{k} {row[k]:.4f}" for k in shown))
 
     return MetricsCallback()
 
@@ -111,7 +112,7 @@ def train_in_worker(trainer, folder: Path, is_main: bool, cfg=None,
         else:
             log = MetricsLog(folder, resume_step=step)
         if resume:
-            print(f"resuming from the checkpoint at step {step}", flush=True)
+            console.progress(f"resuming from the checkpoint at step {step}")
             if log is not None:
                 log.write({"step": step, "event": "resumed"})
         trainer.add_callback(metrics_callback(log))

@@ -20,7 +20,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from llm_platform.alignment.preferences import Turns, assistant_turns, chat_ids, user_turns
-from llm_platform.models.loading import DTYPES, load_tokenizer, resolve_model
+from llm_platform.dtypes import torch_dtype
+from llm_platform.models.loading import load_tokenizer, resolve_model
 
 OFFSET_KEY = "reward_offset"
 
@@ -29,7 +30,7 @@ class RewardScorer:
     """``RewardScorer(path, device).score(prompts, responses) -> list[float]``: centred rewards."""
 
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 32, dtype: str = "float32"):
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path), dtype=DTYPES[dtype])
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path), dtype=torch_dtype(dtype))
         self._setup(model.to(device).eval(), load_tokenizer(path), getattr(model.config, OFFSET_KEY, 0.0),
                     batch_size)
 

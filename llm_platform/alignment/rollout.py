@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import RayActorError
 
+from llm_platform import console
 from llm_platform.engine import AdapterRef, EngineConfig, SamplingParams
 
 
@@ -103,7 +104,7 @@ class RolloutPool:
         return actor.remote(self.engine)
 
     def _replace(self, index: int) -> None:
-        print(f"rollout worker {index} died; starting a replacement", flush=True)
+        console.progress(f"rollout worker {index} died; starting a replacement")
         try:
             ray.kill(self.workers[index])
         except Exception:  # already gone

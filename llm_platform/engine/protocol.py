@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from llm_platform.config import FrozenConfig
+from llm_platform.dtypes import FloatDType
 from llm_platform.errors import SamplingError
 
 AdapterKind = Literal["lora", "soft_prompt"]
@@ -30,7 +31,7 @@ class EngineConfig(FrozenConfig):
     """Local checkpoint folder or hub id."""
     kind: Literal["vllm", "transformers"] = "vllm"
     """vllm for serving and rollouts; transformers for the reference and where vLLM is absent."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: FloatDType = "float32"
     """Weights and activations. vLLM on CPU needs float32 here (bfloat16 crashes its worker)."""
     device: str = "cpu"
     """Device of the transformers engine (cpu, cuda, cuda:1); vLLM picks its own platform."""

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from llm_platform.config import FrozenConfig
+from llm_platform.dtypes import FloatDType
 from llm_platform.engine import AdapterRef, EngineConfig
 from llm_platform.evaluation import EvaluationError
 
@@ -21,7 +22,7 @@ class EngineSettings(FrozenConfig):
     """vllm (the serving engine) or transformers (the reference, and where vLLM is absent)."""
     max_model_len: int = Field(1024, gt=0)
     """Longest prompt plus completion, in tokens."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: FloatDType = "float32"
     """vLLM on CPU needs float32."""
 
     def for_model(self, model: str) -> EngineConfig:

@@ -23,6 +23,7 @@ count with Llama's proportions (params ~ 12 * layers * hidden^2, hidden = 128 * 
 gives Llama-2's shapes for 7B (32 x 4096) and 13B (40 x 5120).
 
     llmp plan --params 7e9 [--method inference|full|lora|qlora|all] [--dtype fp32|fp16|bf16|int8|4bit|all]
+              (torch's names work too: float32, float16, bfloat16)
               [--context 4096 --batch 8] [--layers 32 --hidden 4096 --kv-heads 8] [--lora-rank 16]
     llmp plan --model artifacts/models/tiny-l --json plan.json --plot plan.png
 """
@@ -30,17 +31,20 @@ gives Llama-2's shapes for 7B (32 x 4096) and 13B (40 x 5120).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from llm_platform.config import FrozenConfig, build_config
+from llm_platform.dtypes import short_dtype
 from llm_platform.evaluation import EvaluationError
 from llm_platform.evaluation.output import pyplot, save
 from llm_platform.report import format_table
 
 Method = Literal["inference", "full", "lora", "qlora"]
-Dtype = Literal["fp32", "fp16", "bf16", "int8", "4bit"]
+# Short names in the plan (as the course quotes them); torch's names are accepted and shortened.
+Dtype = Annotated[Literal["fp32", "fp16", "bf16", "int8", "4bit"],
+                  BeforeValidator(lambda v: short_dtype(v) if isinstance(v, str) else v)]
 METHODS: tuple[Method, ...] = ("inference", "full", "lora", "qlora")
 DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "4bit": 0.5}
 # Weights each method can use. Quantized weights take no gradient steps, so full fine-tuning needs

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from llm_platform.dtypes import torch_dtype
 from llm_platform.errors import ModelNotFoundError
+from llm_platform.prerequisites import missing
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # by canonical name
 
 
 def resolve_model(name: str) -> str:
@@ -29,8 +31,7 @@ def resolve_model(name: str) -> str:
     if path.exists():
         raise ModelNotFoundError(f"model path {path} is a file; expected a checkpoint folder")
     if name.startswith(("/", ".", "~")) or not HUB_ID.match(name):
-        raise ModelNotFoundError(f"model path {name} does not exist (build the tiny models with "
-                                 f"`llmp models build-tiny --out DIR`, or give a hub id)")
+        raise ModelNotFoundError(missing("model path", name, "give a checkpoint folder or a hub id"))
     from huggingface_hub import snapshot_download
 
     try:
@@ -65,7 +66,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu", quantization=None):
     """A causal LM in eval mode; ``quantization`` is a transformers quantization config (e.g. 4-bit)."""
-    kwargs = {"dtype": DTYPES[dtype]}
+    kwargs = {"dtype": torch_dtype(dtype)}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)

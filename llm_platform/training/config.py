@@ -7,9 +7,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from llm_platform.config import FrozenConfig
+from llm_platform.dtypes import FloatDType
 
 Method = Literal["full", "lora", "qlora", "prompt_tuning"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = FloatDType  # float32/fp32, bfloat16/bf16, float16/fp16
 
 
 class LoraSettings(FrozenConfig):

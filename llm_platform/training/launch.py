@@ -15,6 +15,7 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from llm_platform import console
 from llm_platform.cluster import connect
 from llm_platform.training.config import ScalingSettings
 
@@ -41,4 +42,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: ScalingSet
         run_config=RunConfig(name=run_name, storage_path=storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=scaling.max_failures)),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        console.flush_progress()  # the workers' last progress lines, before the caller prints on

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import get_linear_schedule_with_warmup
 
+from llm_platform import console
 from llm_platform.data.templates import PromptPair
 from llm_platform.models.loading import load_tokenizer
 from llm_platform.training import checkpoint
@@ -56,8 +57,12 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
     total_bytes = held_parameter_bytes(model)
     model = shard(model, cfg.sharding, ctx.device)
     held = all_gather(held_parameter_bytes(model))
-    print(f"[rank {ctx.rank}] holds {held[ctx.rank]:,} of {total_bytes:,} parameter bytes "
-          f"({cfg.sharding}, {ctx.world} worker(s))", flush=True)
+    held_line = (f"[rank {ctx.rank}] holds {held[ctx.rank]:,} of {total_bytes:,} parameter bytes "
+                 f"({cfg.sharding}, {ctx.world} worker(s))")
+    if ctx.world > 1:  # on the console only where there is something to see: how the shards split
+        console.progress(held_line)
+    else:
+        print(held_line, flush=True)
 
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.optim.learning_rate,
                                   weight_decay=cfg.optim.weight_decay)
@@ -67,7 +72,7 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
     if ctx.checkpoint_dir:
         progress = checkpoint.load(ctx.checkpoint_dir, model, optimizer, scheduler, cfg.is_adapter)
         start, before = progress["step"], progress["before"]
-        print(f"[rank {ctx.rank}] resumed from the checkpoint at step {start}", flush=True)
+        console.progress(f"[rank {ctx.rank}] resumed from the checkpoint at step {start}")
     else:
         before = _evaluate(cfg, model, tokenizer, val_set, test_pairs, labels, ctx)
     log = RunTracker(folder, cfg.tracking, cfg.run_name, "sft", cfg.model_dump(mode="json"),
@@ -95,7 +100,7 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
             row["eval_loss"] = eval_loss(model, val_set, tokenizer, ctx)
         if ctx.is_main:
             log.write(row)
-            print(_progress_line(row, cfg.optim.max_steps), flush=True)
+            console.progress(_progress_line(row, cfg.optim.max_steps))
         _report(cfg, ctx, model, optimizer, scheduler, row, before, save_now)
         window = {"loss": 0.0, "loss_tokens": 0.0, "tokens": 0.0, "steps": 0, "t0": time.perf_counter()}
 

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from llm_platform import console
 from llm_platform.errors import PlatformError
 
 
@@ -101,6 +102,6 @@ def trainer_metrics_callback(log: MetricsLog | None):
             row = {"step": state.global_step, **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}}
             log.write(row)
             extra = "".join(f" | {k} {row[k]:.3f}" for k in ("accuracy", "margin", "rewards/margins") if k in row)
-            print(f"step {state.global_step:>5}/{state.max_steps} | loss {row['loss']:.4f}{extra}", flush=True)
+            console.progress(f"step {state.global_step:>5}/{state.max_steps} | loss {row['loss']:.4f}{extra}")
 
     return MetricsCallback()
