@@ -57,11 +57,12 @@ def _dense_reference(y, x, a_slices, b_slices, sizes, token_slots, scale):
     return out
 
 
-@pytest.fixture(scope="module")
-def op_case():
+@pytest.fixture(scope="module", params=["scattered", "contiguous"])
+def op_case(request):
     rng = torch.Generator().manual_seed(0)
-    slot_ids = [11, 12, 13, 14]                       # LoRA id held by each of the 4 slots: all in use
-    token_ids = [0, 12, 12, 0, 14, 11, 12, 0, 11, 11, 0, 13]  # 0: no adapter; groups not contiguous
+    slot_ids = [11, 12, 13, 14]  # LoRA id held by each of the 4 slots: all in use. Token id 0: no adapter.
+    token_ids = {"scattered": [0, 12, 12, 0, 14, 11, 12, 0, 11, 11, 0, 13],  # decode of a mixed batch
+                 "contiguous": [0, 0, 12, 12, 12, 0, 14, 11, 11, 0, 0, 13]}[request.param]  # prefills
     token_slots = [slot_ids.index(i) if i else -1 for i in token_ids]
     max_rank, d_in, sizes = 16, 12, (8, 4, 4)
     ranks = (3, 16, 5, 8)
@@ -70,7 +71,7 @@ def op_case():
     x = torch.randn(len(token_ids), d_in, generator=rng)
     y = torch.randn(len(token_ids), sum(sizes), generator=rng)
     expected = _dense_reference(y, x, a, b, sizes, token_slots, 0.5)
-    return dict(slot_ids=slot_ids, token_ids=token_ids, token_slots=token_slots, a=a, b=b, x=x, y=y,
+    return dict(name=request.param, slot_ids=slot_ids, token_ids=token_ids, token_slots=token_slots, a=a, b=b, x=x, y=y,
                 sizes=sizes, expected=expected)
 
 
@@ -79,6 +80,8 @@ def test_grouped_wrapper_matches_dense_reference_and_leaves_base_rows_alone(op_c
 
     c = op_case
     wrapper = _wrapper(GroupedPunicaWrapperCPU, c["slot_ids"], c["token_ids"])
+    # Scattered rows are gathered per layer; contiguous ones are computed in place.
+    assert (wrapper._tokens.perm is None) == (c["name"] == "contiguous")
     y = c["y"].clone()
     wrapper.add_lora_linear(y, c["x"], c["a"], c["b"], 0.5, c["sizes"])
     torch.testing.assert_close(y, c["expected"])
