@@ -155,7 +155,7 @@ def test_openai_sdk_parses_structured_output_from_an_untrained_model(client, ser
     free = client.chat.completions.create(model="tiny-s", messages=messages, temperature=0, max_tokens=60)
     with pytest.raises(ValueError):
         Verdict.model_validate_json(free.choices[0].message.content)
-    anything = client.chat.completions.create(model="tiny-m", messages=messages, temperature=0, max_tokens=200,
+    anything = client.chat.completions.create(model="tiny-s", messages=messages, temperature=0, max_tokens=200,
                                               response_format={"type": "json_object"})
     assert isinstance(json.loads(anything.choices[0].message.content), dict)
     bad = httpx.post(f"{server.url}/v1/chat/completions", headers=server.user(), timeout=60, json={
@@ -296,8 +296,8 @@ def test_chat_fields_content_parts_roles_and_defaults(server):
 
 def test_models_version_and_unknown_routes(server):
     user = server.user()
-    card = ok(httpx.get(f"{server.url}/v1/models/tiny-m", headers=user))
-    assert card["id"] == "tiny-m" and card["max_model_len"] == 512 and card["kind"] == "base"
+    card = ok(httpx.get(f"{server.url}/v1/models/tiny-s", headers=user))
+    assert card["id"] == "tiny-s" and card["max_model_len"] == 512 and card["kind"] == "base"
     assert all("max_model_len" in m for m in ok(httpx.get(f"{server.url}/v1/models", headers=user))["data"])
     missing = httpx.get(f"{server.url}/v1/models/tiny-xl", headers=user)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
