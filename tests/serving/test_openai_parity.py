@@ -111,9 +111,10 @@ def test_lm_eval_local_completions_matches_in_process_hf(adapter, server, tiny_m
                               json={"name": "lmeval", "base": "tiny-s", "kind": "lora", "source": str(source)})
         assert response.status_code == 201, response.text
         model, hf_args = "tiny-s:lmeval", f"{hf_args},peft={source}"
-    # batch_size 3: lm-eval sends several token-id prompts per request (a list of lists).
+    # batch_size 3: lm-eval sends several token-id prompts per request (a list of lists). add_bos_token: as
+    # the hf backend, which encodes with the tokenizer's defaults (BOS first).
     api_args = (f"model={model},base_url={server.url}/v1/completions,tokenizer={path},tokenizer_backend=huggingface,"
-                f"num_concurrent=2,max_retries=1,max_length=512")
+                f"num_concurrent=2,max_retries=1,max_length=512,add_bos_token=True")
     for task in ("parity_mc", "parity_gen"):
         served = lm_eval(tasks, tmp_path / f"api-{task}", "local-completions", api_args, task, "--batch_size", "3")
         reference = lm_eval(tasks, tmp_path / f"hf-{task}", "hf", hf_args, task, "--batch_size", "1")
