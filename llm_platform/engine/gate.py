@@ -46,3 +46,51 @@ class KindGate:
 
 def _other(kind: str) -> str:
     return "soft_prompt" if kind == "lora" else "lora"
+
+
+class PrefillAloneGate:
+    """Lets a request that asks for prompt log-probabilities prefill alone in vLLM's batch.
+
+    vLLM 0.32 on CPU with LoRA enabled computes prompt logits through its LoRA logits
+    processor with one adapter index per *request* of the batch (``PunicaWrapperCPU.add_lora_logits``
+    uses ``sampler_indices``), so a prompt-logprobs prefill batched with any other request
+    fails the whole engine step (einsum shape error) and kills the engine core. Alone in the
+    batch the single index broadcasts over the prompt's tokens and the result is right. So
+    such a request waits until no other request is in flight, holds new ones back until its
+    prefill is done (its first output), then counts as an ordinary request.
+    """
+
+    def __init__(self):
+        self._cond = asyncio.Condition()
+        self._active = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    async def acquire(self, alone: bool) -> None:
+        async with self._cond:
+            if alone:
+                self._waiting_alone += 1
+                try:
+                    await self._cond.wait_for(lambda: not self._active and not self._alone)
+                except BaseException:
+                    self._cond.notify_all()
+                    raise
+                finally:
+                    self._waiting_alone -= 1
+                self._alone = True
+            else:
+                await self._cond.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._active += 1
+
+    async def prefilled(self) -> None:
+        """The alone request's prefill is done: others may join its batch again."""
+        async with self._cond:
+            self._alone = False
+            self._cond.notify_all()
+
+    async def release(self, alone_still: bool = False) -> None:
+        async with self._cond:
+            self._active -= 1
+            if alone_still:
+                self._alone = False
+            self._cond.notify_all()

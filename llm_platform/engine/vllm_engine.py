@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from llm_platform.engine.adapters import load_soft_prompt
-from llm_platform.engine.gate import KindGate
+from llm_platform.engine.gate import KindGate, PrefillAloneGate
 from llm_platform.engine.protocol import AdapterRef, Chunk, Engine, EngineConfig, SamplingParams, new_request_id
 from llm_platform.errors import AdapterError, EngineUnavailableError, SamplingError
 from llm_platform.models.loading import load_tokenizer, resolve_model
@@ -62,6 +62,7 @@ class VLLMEngine(Engine):
         self._next_lora_id = 1
         # Only needed when both adapter kinds are on (see gate.py for the vLLM failure it avoids).
         self._gate = KindGate() if config.enable_lora and config.enable_soft_prompts else None
+        self._alone = PrefillAloneGate() if config.enable_lora else None
 
     @property
     def tokenizer(self):
@@ -83,6 +84,10 @@ class VLLMEngine(Engine):
             n_prompt += len(prefix)
         elif adapter is not None:
             lora_request = self._lora_request(adapter)
+        alone = self._alone is not None and params.prompt_logprobs is not None
+        if alone and params.n > 1:
+            raise SamplingError("n", "must be 1 with prompt log-probabilities (echo with logprobs) on a "
+                                     "LoRA-enabled vLLM CPU engine")
         sampling = self._sampling(params, n_prompt)
         sampling.output_kind = RequestOutputKind.DELTA
         (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
@@ -90,6 +95,13 @@ class VLLMEngine(Engine):
         outputs = None
         if gated:
             await self._gate.acquire(gated)
+        if self._alone is not None:
+            try:
+                await self._alone.acquire(alone)
+            except BaseException:
+                if gated:
+                    await self._gate.release(gated)
+                raise
         try:
             outputs, started = self.llm.generate(engine_input, sampling, request_id or new_request_id(),
                                                  lora_request=lora_request), False
@@ -102,6 +114,9 @@ class VLLMEngine(Engine):
                     if started:
                         raise
                     raise _sampling_error(exc, params) from None
+                if alone:
+                    await self._alone.prefilled()
+                    alone = False
                 started = True
                 if gated == "soft_prompt":  # prefill done: its tokens are plain ids from here on
                     await self._gate.release(gated)
@@ -117,6 +132,8 @@ class VLLMEngine(Engine):
         finally:
             if outputs is not None:
                 await outputs.aclose()  # aborts the request in vLLM when the client went away
+            if self._alone is not None:
+                await self._alone.release(alone_still=alone)
             if gated:
                 await self._gate.release(gated)
 

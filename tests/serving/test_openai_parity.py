@@ -111,9 +111,10 @@ def test_lm_eval_local_completions_matches_in_process_hf(adapter, server, tiny_m
                               json={"name": "lmeval", "base": "tiny-s", "kind": "lora", "source": str(source)})
         assert response.status_code == 201, response.text
         model, hf_args = "tiny-s:lmeval", f"{hf_args},peft={source}"
-    # batch_size 3: lm-eval sends several token-id prompts per request (a list of lists).
+    # batch_size 3: lm-eval sends several token-id prompts per request (a list of lists). add_bos_token: as
+    # the hf backend, which encodes with the tokenizer's defaults (BOS first).
     api_args = (f"model={model},base_url={server.url}/v1/completions,tokenizer={path},tokenizer_backend=huggingface,"
-                f"num_concurrent=2,max_retries=1,max_length=512")
+                f"num_concurrent=2,max_retries=1,max_length=512,add_bos_token=True")
     for task in ("parity_mc", "parity_gen"):
         served = lm_eval(tasks, tmp_path / f"api-{task}", "local-completions", api_args, task, "--batch_size", "3")
         reference = lm_eval(tasks, tmp_path / f"hf-{task}", "hf", hf_args, task, "--batch_size", "1")
@@ -155,7 +156,7 @@ def test_openai_sdk_parses_structured_output_from_an_untrained_model(client, ser
     free = client.chat.completions.create(model="tiny-s", messages=messages, temperature=0, max_tokens=60)
     with pytest.raises(ValueError):
         Verdict.model_validate_json(free.choices[0].message.content)
-    anything = client.chat.completions.create(model="tiny-m", messages=messages, temperature=0, max_tokens=200,
+    anything = client.chat.completions.create(model="tiny-s", messages=messages, temperature=0, max_tokens=200,
                                               response_format={"type": "json_object"})
     assert isinstance(json.loads(anything.choices[0].message.content), dict)
     bad = httpx.post(f"{server.url}/v1/chat/completions", headers=server.user(), timeout=60, json={
@@ -296,8 +297,8 @@ def test_chat_fields_content_parts_roles_and_defaults(server):
 
 def test_models_version_and_unknown_routes(server):
     user = server.user()
-    card = ok(httpx.get(f"{server.url}/v1/models/tiny-m", headers=user))
-    assert card["id"] == "tiny-m" and card["max_model_len"] == 512 and card["kind"] == "base"
+    card = ok(httpx.get(f"{server.url}/v1/models/tiny-s", headers=user))
+    assert card["id"] == "tiny-s" and card["max_model_len"] == 512 and card["kind"] == "base"
     assert all("max_model_len" in m for m in ok(httpx.get(f"{server.url}/v1/models", headers=user))["data"])
     missing = httpx.get(f"{server.url}/v1/models/tiny-xl", headers=user)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
