@@ -20,13 +20,16 @@ from llm_platform.serving.ingress import Ingress
 from llm_platform.serving.model_server import ModelServer
 from llm_platform.serving.secrets import Secrets
 
+BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}
+"""What Serve answers itself when a queue is full: 503 with Retry-After (its default sends no Retry-After)."""
+
 
 def model_deployment(spec: ModelSpec, config: ServeConfig, secrets: Secrets | None = None) -> Application:
     scaling = {"autoscaling_config": spec.autoscaling.model_dump()} if spec.autoscaling else \
         {"num_replicas": spec.num_replicas}
     deployment = serve.deployment(ModelServer).options(
         name=f"model-{spec.id}", max_ongoing_requests=spec.max_ongoing_requests,
-        max_queued_requests=config.max_queued_requests,
+        max_queued_requests=config.max_queued_requests, backpressure_config=BACKPRESSURE,
         ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
         health_check_period_s=config.health_check_period_s, health_check_timeout_s=30, **scaling)
     return deployment.bind(spec.model_dump(), config.adapter_store, config.adapter_sync_s, secrets)
@@ -42,7 +45,7 @@ def build(config: ServeConfig, secrets: Secrets | None = None) -> Application:
     models = {spec.id: model_deployment(spec, config, secrets) for spec in config.models}
     ingress = Ingress.options(max_ongoing_requests=config.ingress_max_ongoing_requests,
                               max_queued_requests=config.max_queued_requests,
-                              ray_actor_options={"num_cpus": 0})
+                              backpressure_config=BACKPRESSURE, ray_actor_options={"num_cpus": 0})
     return ingress.bind(models, [s.model_dump() for s in config.models], config.adapter_store,
                         config.adapter_sync_s, secrets=secrets, adapter_sources=list(config.adapter_sources),
                         allow_unauthenticated_admin=config.allow_unauthenticated_admin,

@@ -22,6 +22,8 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
     config = prepare(config)
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     init = {"_metrics_export_port": metrics_port} if metrics_port and started_here else {}
+    if started_here:  # Ray's usual dashboard port, or a free one when another cluster on this host holds it
+        init["dashboard_port"] = _port_or_free(8265)
     context = ray.init(**init, logging_level="WARNING")
     secrets = Secrets.from_environment()
     if config.allow_unauthenticated_admin and "LLMP_ADMIN_KEY" not in secrets:
@@ -45,6 +47,17 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
         serve.shutdown()
         if started_here:
             ray.shutdown()
+
+
+def _port_or_free(port: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def monitoring_lines(context, metrics_port: int | None) -> list[str]:

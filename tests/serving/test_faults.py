@@ -6,7 +6,7 @@ The tests share one module-scoped server and run in file order; the engine kill 
 
 from __future__ import annotations
 
-import os
+import json
 import re
 import shutil
 import signal
@@ -37,6 +37,12 @@ def fault_server(tiny_models, tmp_path_factory):
     (model / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('system messages are not "
         "supported') }}{% endif %}{% endfor %}" + template)
+    # And an end-of-sequence token that greedy decoding of PROMPT never reaches within 1900 tokens (checked
+    # with transformers), so that only a disconnect can end a long generation early.
+    for name, key, value in [("config.json", "eos_token_id", 4), ("generation_config.json", "eos_token_id", 4),
+                             ("tokenizer_config.json", "eos_token", "<|system|>")]:
+        settings = json.loads((model / name).read_text())
+        (model / name).write_text(json.dumps({**settings, key: value}))
     # The store cannot be opened at start: a file stands where its parent folder should be (as an
     # unmounted volume or an unreachable bucket, every access fails) until the test puts the folder there.
     (root / "volume").write_text("not mounted")
@@ -176,7 +182,7 @@ def test_overload_gives_only_200_or_503_and_recovers(fault_server):
 
     rss_before = tree_rss()
     stop = time.monotonic() + 20
-    statuses, latencies, retry_after, lock = [], [], [], threading.Lock()
+    statuses, latencies, no_retry_after, lock = [], [], [], threading.Lock()
     peak_rss = [rss_before]
 
     def client(_):
@@ -189,8 +195,8 @@ def test_overload_gives_only_200_or_503_and_recovers(fault_server):
                     statuses.append(r.status_code)
                     if r.status_code == 200:
                         latencies.append(time.perf_counter() - start)
-                    elif r.status_code == 503:
-                        retry_after.append(r.headers.get("retry-after"))
+                    elif r.status_code == 503 and not r.headers.get("retry-after", "").isdigit():
+                        no_retry_after.append((dict(r.headers), r.text[:300]))
                 if r.status_code == 503:
                     time.sleep(0.05)
 
@@ -212,7 +218,7 @@ def test_overload_gives_only_200_or_503_and_recovers(fault_server):
           f"tree RSS {rss_before / 2**30:.2f} -> peak {peak_rss[0] / 2**30:.2f} GiB")
     assert set(counts) <= {200, 503}, counts
     assert counts.get(200, 0) > 0 and counts.get(503, 0) > 0, counts  # it was overloaded, and still served
-    assert all(value is not None and int(value) >= 1 for value in retry_after)
+    assert not no_retry_after, no_retry_after[:3]
     assert peak_rss[0] - rss_before < 1.5 * 2**30
     quiet = complete(fault_server)
     assert quiet.status_code == 200, quiet.text
