@@ -22,7 +22,7 @@ ray.init(logging_level="ERROR")
 def write(path):
     with open(path, "w") as f:
         f.write("from the worker node")
-    return {"node": ray.get_runtime_context().get_node_id(), "tmp": tempfile.gettempdir()}
+    return {{"node": ray.get_runtime_context().get_node_id(), "tmp": tempfile.gettempdir()}}
 
 @ray.remote(num_cpus=1)
 def exists(path):
