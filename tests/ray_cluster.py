@@ -18,6 +18,7 @@ Drivers run as subprocesses (:meth:`TwoNodeCluster.python`), with :attr:`TwoNode
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -27,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_platform.cluster import API_SERVER_ENV, free_port
+from llm_platform.cluster import API_SERVER_ENV
+from tests.seaweedfs import _free
 
 BIN = Path(sys.executable).parent
 WORKER_RESOURCE = "worker_node"
@@ -48,7 +50,8 @@ class TwoNodeCluster:
         """Shared-looking output root: the worker node sees its own, empty, private copy."""
         for folder in (self.outputs, self.worker_private):
             folder.mkdir(parents=True, exist_ok=True)
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self._taken: set[int] = set()
+        self.gcs_port, self.dashboard_port = self._port(), self._port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
@@ -56,57 +59,83 @@ class TwoNodeCluster:
                     "RAY_ADDRESS": self.address}
         self.nodes: dict[str, subprocess.Popen] = {}
 
-    @staticmethod
-    def _node_ports() -> list[str]:
-        # Every port explicit: other clusters on this machine may hold the defaults.
-        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    def _port(self) -> int:
+        """A free port unique in this cluster, between Ray's worker ports (10002-19999) and the kernel's
+        ephemeral range (32768+), where an outgoing connection once took a port picked before the node bound it."""
+        while True:
+            port = random.randint(20000, 32000)
+            if port not in self._taken and _free(port):
+                self._taken.add(port)
+                return port
 
-    def start(self, timeout: float = 180) -> None:
+    def _node_ports(self) -> list[str]:
+        # Every port explicit: other clusters on this machine may hold the defaults.
+        return [f"--node-manager-port={self._port()}", f"--object-manager-port={self._port()}",
+                f"--dashboard-agent-listen-port={self._port()}", f"--dashboard-agent-grpc-port={self._port()}",
+                f"--runtime-env-agent-port={self._port()}", f"--metrics-export-port={self._port()}"]
+
+    def start(self, timeout: float = 240, attempts: int = 3) -> None:
+        # `ray start` gives a node's raylet a fixed 30 s to register (ray/_private/node.py) and exits
+        # when a loaded machine is slower: such a node is started again, up to `attempts` times.
+        for attempt in range(attempts):
+            if self._start_node("head", self._head, lambda n: n >= 1, timeout, last=attempt == attempts - 1):
+                break
+            self.gcs_port, self.dashboard_port = self._port(), self._port()
+            self.address, self.dashboard = f"127.0.0.1:{self.gcs_port}", f"http://127.0.0.1:{self.dashboard_port}"
+            self.env.update({"RAY_ADDRESS": self.address, API_SERVER_ENV: self.dashboard})
+        for attempt in range(attempts):
+            if self._start_node("worker", self._worker, lambda n: n >= 2, timeout, last=attempt == attempts - 1):
+                break
+
+    def _head(self) -> subprocess.Popen:
         head_env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
-        self.nodes["head"] = subprocess.Popen(
+        return subprocess.Popen(
             [BIN / "ray", "start", "--head", "--block", f"--port={self.gcs_port}", "--num-cpus=0",
              f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
-             f"--ray-client-server-port={free_port()}", f"--temp-dir={self.head_temp}",
+             f"--ray-client-server-port={self._port()}", f"--temp-dir={self.head_temp}",
              "--object-store-memory=300000000", "--disable-usage-stats", *self._node_ports()],
             env=head_env, stdout=(self.workdir / "head.log").open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True)
-        self._wait(lambda n: n >= 1, timeout, "the Ray head")
-        # The worker node: a private mount namespace, tmpfs over its temp folder and the outputs.
+
+    def _worker(self) -> subprocess.Popen:
+        """The worker node: a private mount namespace, tmpfs over its TMPDIR and over the outputs."""
         private = [self.worker_private, self.outputs]
         mounts = " && ".join(f"mount -t tmpfs -o size=2g llmp-private '{folder}'" for folder in private)
         ray_start = " ".join([
             f"exec '{BIN / 'ray'}' start --block --address={self.address}", f"--num-cpus={self.worker_cpus}",
             f"--resources='{{\"{WORKER_RESOURCE}\": 1}}'", f"--temp-dir='{self.worker_temp}'",
             "--object-store-memory=300000000", "--disable-usage-stats", *self._node_ports()])
-        worker_env = {**head_env, "TMPDIR": str(self.worker_private)}
-        self.nodes["worker"] = subprocess.Popen(
+        worker_env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"} | {"TMPDIR": str(self.worker_private)}
+        return subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && {ray_start}"],
             env=worker_env, stdout=(self.workdir / "worker.log").open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True)
-        self._wait(lambda n: n >= 2, timeout, "the worker node")
 
-    def _wait(self, ready, timeout: float, what: str) -> None:
+    def _start_node(self, name: str, launch, ready, timeout: float, last: bool) -> bool:
+        """Start a node and wait until the cluster counts it; False if it gave up during its start-up."""
+        node = self.nodes[name] = launch()
         code = "import ray; ray.init(logging_level='ERROR'); print('NODES', sum(n['Alive'] for n in ray.nodes()))"
-        deadline = time.monotonic() + timeout
+        deadline, error = time.monotonic() + timeout, ""
         while True:
-            for name, node in self.nodes.items():
-                if node.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"the Ray {name} node exited with {node.returncode}; see {self.workdir}")
+            if node.poll() is not None:
+                _kill_group(self.nodes.pop(name))  # what it left behind (a GCS, a dashboard)
+                log = (self.workdir / f"{name}.log").read_text(errors="replace")
+                if "timed out during startup" in log[-3000:] and not last:
+                    return False
+                self.stop()
+                raise RuntimeError(f"the Ray {name} node exited with {node.returncode}; see {self.workdir}")
             try:
                 out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
-                                     timeout=60)
+                                     timeout=90)
                 lines, error = [x for x in out.stdout.splitlines() if x.startswith("NODES ")], out.stderr[-2000:]
                 if out.returncode == 0 and lines and ready(int(lines[-1].split()[1])):
-                    return
+                    return True
             except subprocess.TimeoutExpired as exc:
                 error = str(exc)
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"{what} did not come up in {timeout}s: {error}")
-            time.sleep(1)
+                raise TimeoutError(f"the Ray {name} node did not come up in {timeout}s: {error}")
+            time.sleep(2)
 
     def python(self, code: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
         """Run ``code`` as a driver of this cluster (a subprocess; ``ray.init()`` joins via ``RAY_ADDRESS``)."""
@@ -123,7 +152,17 @@ class TwoNodeCluster:
             try:
                 node.wait(10)
             except subprocess.TimeoutExpired:  # a graceful stop takes ~30 s; these nodes are ours alone
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait(30)
+                _kill_group(node)
         for folder in (self.head_temp, self.worker_temp):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _kill_group(node: subprocess.Popen) -> None:
+    try:
+        os.killpg(node.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
+        node.wait(30)
+    except subprocess.TimeoutExpired:
+        pass

@@ -32,13 +32,15 @@ def _free(port: int) -> bool:
 
 
 def free_port_pair(taken: set[int]) -> int:
-    """A port P such that P and P + 10000 are free (SeaweedFS serves gRPC on P + 10000): P < 45000."""
+    """A port P such that P and P + 10000 are free (SeaweedFS serves gRPC on P + 10000), both between Ray's
+    worker ports (10002-19999) and the kernel's ephemeral range (32768+), where an outgoing connection
+    could take a port between check and use."""
     for _ in range(1000):
-        port = random.randint(20000, 44999)
+        port = random.randint(20000, 22767)
         if not {port, port + 10000} & taken and _free(port) and _free(port + 10000):
             taken.update({port, port + 10000})
             return port
-    raise RuntimeError("no free port pair below 55000")
+    raise RuntimeError("no free port pair below 32768")
 
 
 class SeaweedFS:
