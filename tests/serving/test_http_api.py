@@ -259,11 +259,13 @@ def test_keys_do_not_show_in_rays_dashboard(server):
 
     match = re.search(r"Ray dashboard: (http://\S+?)/#/serve", server.log.read_text())
     assert match, "llmp serve prints where the Ray dashboard is"
-    dashboard = match[1]
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    dashboard, ray_auth = match[1], get_auth_headers_if_auth_enabled({})  # Ray's own token (~/.ray/auth_token)
     shown = ""
     for path in ("/api/serve/applications/", "/api/v0/actors?detail=1&limit=1000",
                  "/api/v0/tasks?detail=1&limit=1000"):
-        response = httpx.get(dashboard + path, timeout=30)
+        response = httpx.get(dashboard + path, timeout=30, headers=ray_auth)
         assert response.status_code == 200, (path, response.text[:200])
         shown += response.text
     assert "llm-platform" in shown and "Ingress" in shown
