@@ -11,6 +11,8 @@ vLLM starts its engine core with the spawn method.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 from collections import OrderedDict
@@ -26,6 +28,7 @@ from llm_platform.engine.protocol import AdapterRef, Chunk, Engine, EngineConfig
 from llm_platform.errors import AdapterError, EngineUnavailableError, SamplingError
 from llm_platform.models.loading import load_tokenizer, resolve_model
 
+DEAD_ENGINE_POLL_S = 1.0
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
 
@@ -103,8 +106,8 @@ class VLLMEngine(Engine):
                     await self._gate.release(gated)
                 raise
         try:
-            outputs, started = self.llm.generate(engine_input, sampling, request_id or new_request_id(),
-                                                 lora_request=lora_request), False
+            outputs, started = self._watched(self.llm.generate(engine_input, sampling, request_id or new_request_id(),
+                                                               lora_request=lora_request)), False
             while True:
                 try:
                     output = await outputs.__anext__()
@@ -136,6 +139,32 @@ class VLLMEngine(Engine):
                 await self._alone.release(alone_still=alone)
             if gated:
                 await self._gate.release(gated)
+
+    async def _watched(self, outputs):
+        """``outputs``, but failing once the engine is dead. A request already in the engine when its
+        process dies is not always failed by vLLM 0.32 (its output never comes): wait for each output
+        in a task, looking at ``errored`` every second, rather than for ever."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        iterator, step = outputs.__aiter__(), None
+        try:
+            while True:
+                step = asyncio.ensure_future(iterator.__anext__())
+                while not (await asyncio.wait({step}, timeout=DEAD_ENGINE_POLL_S))[0]:
+                    if self.llm is None or self.llm.errored:
+                        raise EngineDeadError("the engine core process died")
+                try:
+                    output = step.result()
+                except StopAsyncIteration:
+                    return
+                step = None
+                yield output
+        finally:
+            if step is not None and not step.done():
+                step.cancel()  # vLLM's generate sees the cancellation and aborts the request
+                with contextlib.suppress(BaseException):
+                    await step
+            await iterator.aclose()
 
     async def load_adapter(self, adapter: AdapterRef) -> None:
         if adapter.kind == "soft_prompt":

@@ -259,11 +259,16 @@ def test_keys_do_not_show_in_rays_dashboard(server):
 
     match = re.search(r"Ray dashboard: (http://\S+?)/#/serve", server.log.read_text())
     assert match, "llmp serve prints where the Ray dashboard is"
-    dashboard = match[1]
+    import os
+
+    # Ray 2.60's token authentication: the dashboard wants the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token).
+    token_file = Path.home() / ".ray" / "auth_token"
+    token = os.environ.get("RAY_AUTH_TOKEN") or (token_file.read_text().strip() if token_file.is_file() else "")
+    dashboard, ray_auth = match[1], ({"Authorization": f"Bearer {token}"} if token else {})
     shown = ""
     for path in ("/api/serve/applications/", "/api/v0/actors?detail=1&limit=1000",
                  "/api/v0/tasks?detail=1&limit=1000"):
-        response = httpx.get(dashboard + path, timeout=30)
+        response = httpx.get(dashboard + path, timeout=30, headers=ray_auth)
         assert response.status_code == 200, (path, response.text[:200])
         shown += response.text
     assert "llm-platform" in shown and "Ingress" in shown
