@@ -4,7 +4,7 @@ Systems, all on the same requests (tiny-l by default, prompts and output lengths
   engine   the vLLM engine called in-process (the ceiling)
   platform the platform over HTTP (Ray Serve ingress → model deployment → vLLM)
   naive    transformers + PEFT serving one request at a time (the baseline)
-and the platform with 8 LoRA adapters mixed into one stream versus the base model only.
+and the platform with one LoRA adapter, and with 8 mixed into one stream, versus the base model only.
 
     llmp bench serve [--clients 1 8 32] [--json out.json] [--plot out.png]
 """
@@ -118,6 +118,9 @@ async def bench_http(url: str, headers: dict, clients: list[int], requests_for, 
             runs.append(await drive("platform", c, workload(requests_for("platform", c), seed=c), call))
             print(f"  platform  clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
         c = max(clients)
+        single = [Job(j.prompt, j.max_tokens, ":bench-0") for j in workload(requests_for("platform", c), seed=c)]
+        runs.append(await drive("platform+1lora", c, single, call))
+        print(f"  platform+1 LoRA  clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
         runs.append(await drive(f"platform+{mixed}lora", c, workload(requests_for("platform", c), seed=c,
                                                                       adapters=mixed), call))
         print(f"  platform+{mixed} LoRAs clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
@@ -183,6 +186,7 @@ def summarize(runs: list[Run], top: int, mixed: int) -> dict:
     return {
         "rows": rows,
         "platform_vs_engine": ratio("platform", "engine"),
+        "single_adapter_vs_base": ratio("platform+1lora", "platform"),
         "mixed_adapters_vs_base": ratio(f"platform+{mixed}lora", "platform"),
         "platform_vs_naive": ratio("platform", "naive"),
         "latency_s": {f"{r['system']}@{r['clients']}": {"p50": r["p50_s"], "p99": r["p99_s"]} for r in rows},
