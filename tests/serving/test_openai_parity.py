@@ -150,8 +150,10 @@ class Verdict(BaseModel):
 
 def test_openai_sdk_parses_structured_output_from_an_untrained_model(client, server):
     messages = [{"role": "user", "content": "Review: The lamp is lovely. Give sentiment, positive and stars."}]
+    # The grammar allows any JSON whitespace between tokens, and an untrained model, greedy, repeats it
+    # forever; a frequency penalty makes it move on (the grammar then leaves only valid JSON).
     parsed = client.chat.completions.parse(model="tiny-s", messages=messages, response_format=Verdict,
-                                           temperature=0, max_tokens=200)
+                                           temperature=0, max_tokens=200, frequency_penalty=2.0)
     verdict = parsed.choices[0].message.parsed
     assert isinstance(verdict, Verdict), parsed.choices[0].message.content
     # Without the grammar, the same request does not give JSON: the constraint did the work.
