@@ -18,9 +18,9 @@ Why this shape (object stores have neither folder moves nor conditional writes i
   ``(version, uid)`` is current, and a tombstone there means "deleted".
 - **Versions never reused.** A new record takes the highest version seen for its name, plus one,
   tombstones included, and the latest record of a name is never pruned: deleting a name and
-  registering it again continues its numbering. Two writers of the same name that raced to the
-  same number both see it when they list after writing; the one with the smaller uid re-commits
-  under the next number, so every committed version number means one folder. Keys that reach
+  registering it again continues its numbering. A writer that lists after writing and sees another
+  record with its number withdraws and takes the next one (of two racing writers at least one sees
+  the other), so every committed version number means one folder. Keys that reach
   engines carry the uid as well (``BASE:NAME@3-UID``), so even a record seen during such a race
   can never be confused with another folder.
 - After a registration, versions older than the previous one are pruned (record first, then
@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -43,6 +44,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from llm_platform.engine import AdapterRef
+from llm_platform.errors import AdapterError
 from llm_platform.storage import open_filesystem
 
 __all__ = ["ADAPTER_FILES", "AdapterStore", "StoredAdapter", "fetch_folder", "open_filesystem"]
@@ -196,16 +198,22 @@ class AdapterStore:
 
     def _commit(self, base: str, name: str, kind: str, uid: str) -> _Record:
         prefix = f"{INDEX}/{base}/{name}"
-        version = max((r.version for r in self._records(prefix)), default=0) + 1
-        while True:
+        records = self._records(prefix)
+        for attempt in range(1, 100):
+            version = max((r.version for r in records), default=0) + 1
             record = _Record(version, uid, int(time.time() * 1000), kind, base, name)
             self._write(record.file, json.dumps(record.entry().__dict__).encode())
             records = self._records(prefix)
-            if not any(r.version == version and r.uid > uid for r in records):
+            if not any(r.version == version and r.uid != uid for r in records):
                 return record
-            # A concurrent writer committed the same number and wins the tie: take the next one.
-            version = max(r.version for r in records) + 1
+            # Another writer took the same number. Of two such writers at least one lists after both
+            # wrote and sees the other, so "whoever sees a collision yields" leaves at most one record
+            # per number (a tie-break by uid would not: the winner may have checked before the loser
+            # wrote). Both may yield; a random pause keeps them from meeting again at the next number.
             self._delete(record.file)
+            time.sleep(random.uniform(0, 0.05 * attempt))
+            records = self._records(prefix)
+        raise AdapterError(f"could not commit a version of {base}:{name}: too many concurrent writers")
 
     def _prune(self, base: str, name: str) -> None:
         """Drop versions older than the previous one (records first, so no reader resolves a gone folder)."""

@@ -41,7 +41,7 @@ def test_plan_prints_the_course_figures(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--params", "7e9", "--method", "full", "--dtype", "int8"], "full runs on fp32, fp16, bf16"),
-    (["--params", "7e9", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["--params", "7e9", "--dtype", "fp8"], "argument --dtype: unknown dtype 'fp8'"),
     (["--method", "lora"], "give --params (e.g. 7e9) or --model"),
 ])
 def test_plan_refuses_bad_input_in_one_line(args, message):
