@@ -323,7 +323,8 @@ def test_vllm_benchmark_client_gets_exactly_the_output_lengths_it_asks_for(serve
     cmd = [sys.executable, "-c", run, "--backend", "openai", "--base-url", server.url,
            "--model", "tiny-s", "--tokenizer", str(tiny_models["tiny-s"]), "--dataset-name", "random",
            "--random-input-len", "16", "--random-output-len", "24", "--num-prompts", "8", "--max-concurrency", "4",
-           "--ignore-eos", "--save-result", "--save-detailed", "--result-dir", str(tmp_path), "--result-filename", "bench.json",
+           "--ignore-eos", "--save-result", "--save-detailed", "--result-dir", str(tmp_path),
+           "--result-filename", "bench.json",
            "--disable-tqdm"]
     env = {**os.environ, "OPENAI_API_KEY": API_KEY}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
