@@ -222,7 +222,8 @@ def test_completion_prompt_forms_echo_and_sampling_fields(server, tiny_models):
                    max_tokens=0, temperature=0))["choices"][0]
     assert echo["text"] == "The sky is" and echo["finish_reason"] == "length"
     by_ids = ok(post(server, "/v1/completions", model="tiny-s", prompt=ids["tokens"], echo=True, max_tokens=0))
-    assert by_ids["choices"][0]["text"] == ok(post(server, "/detokenize", model="tiny-s", tokens=ids["tokens"]))["prompt"]
+    decoded = ok(post(server, "/detokenize", model="tiny-s", tokens=ids["tokens"]))["prompt"]
+    assert by_ids["choices"][0]["text"] == decoded
     lps = echo["logprobs"]["token_logprobs"]
     assert len(lps) == ids["count"] and lps[0] is None and all(lp <= 0 for lp in lps[1:])
     echoed = ok(post(server, "/v1/completions", prompt="The sky is", echo=True, logprobs=0, **greedy))
