@@ -222,7 +222,8 @@ def test_completion_prompt_forms_echo_and_sampling_fields(server, tiny_models):
                    max_tokens=0, temperature=0))["choices"][0]
     assert echo["text"] == "The sky is" and echo["finish_reason"] == "length"
     by_ids = ok(post(server, "/v1/completions", model="tiny-s", prompt=ids["tokens"], echo=True, max_tokens=0))
-    assert by_ids["choices"][0]["text"] == ok(post(server, "/detokenize", model="tiny-s", tokens=ids["tokens"]))["prompt"]
+    decoded = ok(post(server, "/detokenize", model="tiny-s", tokens=ids["tokens"]))["prompt"]
+    assert by_ids["choices"][0]["text"] == decoded
     lps = echo["logprobs"]["token_logprobs"]
     assert len(lps) == ids["count"] and lps[0] is None and all(lp <= 0 for lp in lps[1:])
     echoed = ok(post(server, "/v1/completions", prompt="The sky is", echo=True, logprobs=0, **greedy))
@@ -323,7 +324,8 @@ def test_vllm_benchmark_client_gets_exactly_the_output_lengths_it_asks_for(serve
     cmd = [sys.executable, "-c", run, "--backend", "openai", "--base-url", server.url,
            "--model", "tiny-s", "--tokenizer", str(tiny_models["tiny-s"]), "--dataset-name", "random",
            "--random-input-len", "16", "--random-output-len", "24", "--num-prompts", "8", "--max-concurrency", "4",
-           "--ignore-eos", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json",
+           "--ignore-eos", "--save-result", "--save-detailed", "--result-dir", str(tmp_path),
+           "--result-filename", "bench.json",
            "--disable-tqdm"]
     env = {**os.environ, "OPENAI_API_KEY": API_KEY}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
