@@ -89,25 +89,45 @@ def ray_local():
     ray.shutdown()
 
 
+_ENGINES: dict = {}
+"""The engines the ``engines`` fixture started, by (size, kind)."""
+ENGINE_PACKAGES = {"alignment", "data", "engine", "evaluation", "models", "serving"}
+"""Test packages that share the engines; the run visits them first (alphabetical order)."""
+
+
+def _shutdown_engines() -> None:
+    for engine in _ENGINES.values():
+        engine.shutdown()
+    _ENGINES.clear()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """A vLLM engine holds ~2 GB: once the run leaves the packages that share them, stop them, so the
+    training jobs, Ray clusters and the demo that follow have the memory (a later test that asks for
+    an engine starts it again)."""
+    if nextitem is None or not _ENGINES:
+        return
+    parts = nextitem.path.relative_to(Path(__file__).parent).parts
+    if len(parts) == 1 or parts[0] not in ENGINE_PACKAGES:
+        _shutdown_engines()
+
+
 @pytest.fixture(scope="session")
 def engines(tiny_models, loop):
     """``engines(size, kind)``: one engine per (tiny model, engine kind), started on first use."""
     from llm_platform.engine import EngineConfig, build_engine
 
-    started = {}
-
     async def start(config):
         return build_engine(config)
 
     def get(size: str, kind: str):
-        if (size, kind) not in started:
-            started[(size, kind)] = loop.run(start(EngineConfig(model=str(tiny_models[size]), kind=kind,
-                                                                max_model_len=512)))
-        return started[(size, kind)]
+        if (size, kind) not in _ENGINES:
+            _ENGINES[(size, kind)] = loop.run(start(EngineConfig(model=str(tiny_models[size]), kind=kind,
+                                                                 max_model_len=512)))
+        return _ENGINES[(size, kind)]
 
     yield get
-    for engine in started.values():
-        engine.shutdown()
+    _shutdown_engines()
 
 
 @pytest.fixture(scope="session")

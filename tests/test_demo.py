@@ -50,7 +50,6 @@ def test_quick_demo_console_is_short_and_the_logs_hold_the_rest(tiny_models, tmp
     assert f"logs in {logs}/" in console
     driver = (logs / "llmp.log").read_text()
     assert "vllm" in driver and "WARNING" in driver  # the in-process engines' vLLM warnings
-    assert "Token authentication is enabled" in driver  # Ray's notice when the local cluster starts
     workers = "".join(p.read_text(errors="replace") for p in (logs / "ray").glob("worker-*"))
     assert "Reporting training result" in workers  # Ray Train's per-report line, off the console
     assert "LD_PRELOAD" in workers or "Triton" in workers  # the rollout actor's vLLM engine spoke in its log

@@ -18,7 +18,8 @@ class Server(ServerProcess):
         return {"Authorization": f"Bearer {API_KEY}"}
 
 
-@pytest.fixture(scope="session")
+# Package scope: its three engines are freed before the training tests that follow.
+@pytest.fixture(scope="package")
 def server(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     config = {

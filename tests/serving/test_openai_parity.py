@@ -309,7 +309,8 @@ def test_models_version_and_unknown_routes(server):
     assert all("max_model_len" in m for m in ok(httpx.get(f"{server.url}/v1/models", headers=user))["data"])
     missing = httpx.get(f"{server.url}/v1/models/tiny-xl", headers=user)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-    assert ok(httpx.get(f"{server.url}/version"))["version"]
+    assert ok(httpx.get(f"{server.url}/version", headers=user))["version"]
+    assert httpx.get(f"{server.url}/version").status_code == 401  # every route but the health checks needs the key
     nowhere = httpx.get(f"{server.url}/v1/nowhere", headers=user)
     assert nowhere.status_code == 404 and set(nowhere.json()["error"]) == {"message", "type", "param", "code"}
 
