@@ -25,11 +25,13 @@ PROMPT = "Review: The lamp is lovely. Is this review positive or negative?\nAnsw
 def s3_server(s3, tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("s3-server")
     store = s3.uri("adapter-store")
+    sources = s3.uri("sources")
     config = {"adapter_store": store, "adapter_sync_s": 0.5,
+              "adapter_sources": [sources, str(tmp_path_factory.getbasetemp())],
               "models": [{"id": "tiny-s", "engine": {"model": str(tiny_models["tiny-s"]), "kind": "vllm",
                                                      "max_model_len": 512}, "num_cpus": 0.5, "max_adapters": 4}]}
     server = ServerProcess(config, root, env={**s3.env, "LLMP_ADMIN_KEY": ADMIN["Authorization"].split()[1]})
-    server.store = store
+    server.store, server.sources = store, sources
     server.start()
     yield server
     server.stop()
@@ -61,7 +63,7 @@ def test_adapter_lifecycle_on_an_s3_store(s3_server, s3, tiny_models, engines, l
     assert len(set(expected.values())) == 3
 
     # Register from an s3:// source, replace from a local folder: each version serves its own weights.
-    first = register(s3_server, "a", upload(loras["v1"], s3.uri("sources/v1")))
+    first = register(s3_server, "a", upload(loras["v1"], f"{s3_server.sources}/v1"))
     assert first.status_code == 201, first.text
     assert first.json()["version"] == 1
     assert complete(s3_server, "tiny-s:a").json()["choices"][0]["text"] == expected["v1"]
