@@ -22,6 +22,7 @@ import socket
 import ray
 
 from llm_platform import console
+from llm_platform.storage import storage_env
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
@@ -47,7 +48,11 @@ def connect(num_cpus: int | None = None, log_to_driver: bool | None = None, logg
     log_to_driver = lvl is not None if log_to_driver is None else log_to_driver
     logging_level = logging_level or (lvl if lvl in ("DEBUG", "INFO") else "WARNING")
     relay = console.relay_env() if relay_progress else {}
-    env = {**console.library_env(), **relay, **(env_vars or {})}
+    # Where s3:// points and the keys that open it (llm_platform.storage.STORAGE_ENV), as this driver has
+    # them: workers on other nodes see only their own node's environment. With instance profiles (the
+    # cluster.yaml default) there are no keys to forward; keys set here are visible in the job's runtime
+    # environment on the dashboard, like any env var passed to Ray.
+    env = {**console.library_env(), **relay, **storage_env(), **(env_vars or {})}
     if os.environ.get("RAY_ADDRESS"):
         context = ray.init(log_to_driver=log_to_driver, logging_level=logging_level,
                            runtime_env={"env_vars": env})

@@ -140,7 +140,9 @@ def run_rlhf(cfg: DemoConfig) -> dict:
     from llm_platform.cluster import connect, shutdown
     from llm_platform.config import load_config
     from llm_platform.training.config import SFTConfig
-    from train_jobs import reward_model, rlhf, sft
+    from llm_platform.alignment import reward_job as reward_model
+    from llm_platform.alignment import rlhf_job as rlhf
+    from llm_platform.training import sft_job as sft
 
     configs = Path(__file__).resolve().parents[1] / "train_jobs" / "configs"
     root = Path(cfg.out) / "rlhf"

@@ -64,6 +64,34 @@ class SeaweedFS:
         """A fresh ``s3://`` location in the bucket, unique per call."""
         return f"s3://{self.bucket}/{prefix}-{uuid.uuid4().hex[:8]}"
 
+    def read(self, uri: str) -> bytes:
+        """An object's bytes (raises FileNotFoundError if it is not in the store)."""
+        from llm_platform.storage import open_filesystem
+
+        fs, path = open_filesystem(uri)
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    def listing(self, uri: str) -> list[str]:
+        """Every object under ``uri``, as paths relative to it."""
+        import pyarrow.fs as pafs
+
+        from llm_platform.storage import open_filesystem
+
+        fs, path = open_filesystem(uri)
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+    def download(self, uri: str, local: Path) -> Path:
+        import pyarrow.fs as pafs
+
+        from llm_platform.storage import open_filesystem
+
+        fs, path = open_filesystem(uri)
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return local
+
     def start(self, timeout: float = 90) -> None:
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def test_rlhf_on_a_fresh_clone_names_the_chat_sft_job(tmp_path):
 def test_rlhf_names_the_reward_job_when_only_the_reward_model_is_missing(tiny_models, tmp_path, monkeypatch):
     from llm_platform.alignment.config import RLHFConfig
     from llm_platform.config import load_config
-    from train_jobs import rlhf
+    from llm_platform.alignment import rlhf_job as rlhf
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml", [f"policy_model={tiny_models['tiny-s']}"])

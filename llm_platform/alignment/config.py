@@ -1,4 +1,5 @@
-"""What an RLHF (PPO) run is: rollout engines, sampling, PPO settings, the policy's LoRA."""
+"""The alignment jobs' configs: the reward model, DPO, and RLHF with PPO (rollout engines, sampling, PPO
+settings, the policy's LoRA)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from llm_platform.alignment.preference_training import check_scaling
+from llm_platform.alignment.preferences import PreferenceData
 from llm_platform.config import FrozenConfig
-from llm_platform.training.config import LoraSettings, ScalingSettings, TrackingSettings
+from llm_platform.training.config import DType, LoraSettings, OptimSettings, ScalingSettings, TrackingSettings
 
 
 class RolloutSettings(FrozenConfig):
@@ -87,3 +90,70 @@ class RLHFConfig(FrozenConfig):
         if self.ppo.prompts_per_iteration % self.scaling.num_workers:
             raise ValueError("ppo.prompts_per_iteration must be a multiple of scaling.num_workers")
         return self
+
+
+class RewardJobConfig(FrozenConfig):
+    """A reward-model run (``python -m train_jobs.reward_model --config FILE``)."""
+
+    model: str
+    """Checkpoint the classifier starts from (a local folder or a hub id): the SFT model, or a base."""
+    dtype: DType = "float32"
+    """Dtype of the weights (float32 on CPU; bfloat16 on GPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for large models, more compute."""
+    data: PreferenceData = PreferenceData()
+    lora: LoraSettings | None = None
+    """Train low-rank adapters (and the score head) instead of every weight, for models too large to
+    train whole; they are merged into model/ at the end, so model/ is a plain classifier either way."""
+    output_dir: str = "artifacts/rlhf/reward"
+    """Where metrics.jsonl, summary.json and model/ go: a folder or an s3://, gs:// URI."""
+    storage_path: str | None = None
+    """Ray Train checkpoints and run state (folder or URI); defaults to OUTPUT_DIR/ray."""
+    run_name: str = "reward"
+    """Name of the run under storage_path; a rerun with the same name resumes from its last checkpoint."""
+    optim: OptimSettings = OptimSettings(learning_rate=1e-3, warmup_ratio=0.0, max_steps=60)
+    scaling: ScalingSettings = ScalingSettings()
+    tracking: TrackingSettings = TrackingSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardJobConfig":
+        check_scaling(self.optim, self.scaling)
+        return self
+
+    def training_settings(self) -> dict:
+        """What a checkpoint depends on (not where outputs go or how many workers)."""
+        return self.model_dump(mode="json", include={"model", "dtype", "data", "lora", "optim"})
+
+
+class DPOJobConfig(FrozenConfig):
+    """A DPO run (``python -m train_jobs.dpo --config FILE``)."""
+
+    model: str
+    """The policy's base (usually the SFT model); with the adapter off it is also the reference."""
+    dtype: DType = "float32"
+    """Dtype of the weights (float32 on CPU; bfloat16 on GPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for large models, more compute."""
+    data: PreferenceData = PreferenceData()
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL constraint towards the reference (higher: stay closer)."""
+    lora: LoraSettings = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj",
+                                                                                   "down_proj"])
+    output_dir: str = "artifacts/rlhf/dpo"
+    """Where metrics.jsonl, summary.json and adapter/ go: a folder or an s3://, gs:// URI."""
+    storage_path: str | None = None
+    """Ray Train checkpoints and run state (folder or URI); defaults to OUTPUT_DIR/ray."""
+    run_name: str = "dpo"
+    """Name of the run under storage_path; a rerun with the same name resumes from its last checkpoint."""
+    optim: OptimSettings = OptimSettings(learning_rate=1e-3, warmup_ratio=0.0, max_steps=40)
+    scaling: ScalingSettings = ScalingSettings()
+    tracking: TrackingSettings = TrackingSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DPOJobConfig":
+        check_scaling(self.optim, self.scaling)
+        return self
+
+    def training_settings(self) -> dict:
+        """What a checkpoint depends on (not where outputs go or how many workers)."""
+        return self.model_dump(mode="json", include={"model", "dtype", "data", "beta", "lora", "optim"})

@@ -18,10 +18,9 @@ from typing import Any
 from llm_platform import console
 from llm_platform.errors import PlatformError
 from llm_platform.training.config import OptimSettings, ScalingSettings
+from llm_platform.training.checkpoint import SETTINGS  # the run's training settings, in each Trainer checkpoint
 from llm_platform.training.outputs import MetricsLog
 
-SETTINGS = "llmp_settings.json"
-"""The run's training settings, stored in each Trainer checkpoint."""
 
 
 def check_scaling(optim: OptimSettings, scaling: ScalingSettings) -> None:
@@ -155,27 +154,3 @@ def check_inputs(cfg) -> None:
     for split in ("train", cfg.data.eval_split):
         if not len(load_pairs(cfg.data, split)):
             raise PlatformError(f"data.source {cfg.data.source}: the {split} split is empty")
-
-
-def check_resumable(storage: str, run_name: str, settings: dict) -> None:
-    """A run name already in storage resumes from its last checkpoint (Ray Train restores it), but only
-    with the same settings: resuming a different run from it would silently mix the two."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
-    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
-    folders = sorted(i.path for i in infos
-                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    for folder in reversed(folders):
-        info = fs.get_file_info(f"{folder}/checkpoint/{SETTINGS}")
-        if info.type != pafs.FileType.File:
-            continue
-        with fs.open_input_stream(info.path) as f:
-            stored = json.loads(f.read())
-        changed = sorted(k for k in settings.keys() | stored.keys() if stored.get(k) != settings.get(k))
-        if changed:
-            raise PlatformError(f"run {run_name!r} in {storage} has a checkpoint from other settings (changed: "
-                                f"{', '.join(changed)}); choose another run_name to start afresh, or delete "
-                                f"{storage}/{run_name}")
-        print(f"resuming run {run_name!r} from its last checkpoint", flush=True)
-        return

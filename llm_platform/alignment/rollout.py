@@ -4,8 +4,9 @@ A :class:`RolloutWorker` is a Ray actor holding one inference engine (vLLM by de
 transformers as the alternative: the same engine interface serving uses). It samples
 responses for a batch of prompts and returns, per response, the token ids and the
 log-probability the engine gave each sampled token, which the trainer later checks
-against its own recomputation. New policy weights arrive as a new adapter version,
-loaded into the running engine (no restart). A :class:`RewardWorker` holds the reward
+against its own recomputation. New policy weights arrive as a new adapter version
+(:class:`AdapterVersion`: the adapter's files, through Ray's object store, since the actors
+may run on other nodes than the trainer), loaded into the running engine (no restart). A :class:`RewardWorker` holds the reward
 model. The :class:`RolloutPool` splits batches over the workers and replaces a worker
 that dies, retrying its share, so one lost process does not end a long run.
 """
@@ -13,8 +14,11 @@ that dies, retrying its share, so one lost process does not end a long run.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError
@@ -33,6 +37,29 @@ class Sample:
     response_text: str
 
 
+@dataclass(frozen=True)
+class AdapterVersion:
+    """A policy adapter version as its files' bytes (a LoRA of a small model: a few MB). Shipped to the
+    rollout actors by value, so an actor on any node can load it: a path on the trainer's disk would
+    exist only on the trainer's node."""
+
+    name: str
+    version: int
+    files: dict[str, bytes]
+
+    @classmethod
+    def from_folder(cls, folder: Path, name: str, version: int) -> "AdapterVersion":
+        return cls(name, version, {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()})
+
+    def write(self, root: Path) -> AdapterRef:
+        """The files under ``root`` on this node, as the reference an engine loads."""
+        folder = root / f"{self.name}-v{self.version}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for filename, data in self.files.items():
+            (folder / filename).write_bytes(data)
+        return AdapterRef(name=self.name, kind="lora", path=str(folder), version=self.version)
+
+
 def chat_prompt_ids(tokenizer, user_turn: str) -> list[int]:
     """Token ids of a one-turn chat ending where the assistant's response starts."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": user_turn}], add_generation_prompt=True,
@@ -47,6 +74,7 @@ class RolloutWorker:
         self.config = engine
         self.engine = None
         self.adapter: AdapterRef | None = None
+        self.adapters_dir = Path(tempfile.mkdtemp(prefix="llmp-rollout-adapters-"))  # on this actor's node
 
     async def start(self) -> str:
         from llm_platform.engine import build_engine
@@ -56,13 +84,15 @@ class RolloutWorker:
         await self.engine.generate([1, 2, 3], SamplingParams(temperature=1.0, max_tokens=4))
         return self.config.kind
 
-    async def set_adapter(self, adapter: AdapterRef) -> float:
-        """Load ``adapter`` (the new policy version) and make it the one sampled from; returns seconds."""
+    async def set_adapter(self, version: AdapterVersion) -> float:
+        """Load ``version`` (the new policy) and make it the one sampled from; returns seconds."""
         start = time.perf_counter()
+        adapter = version.write(self.adapters_dir)
         await self.engine.load_adapter(adapter)
         previous, self.adapter = self.adapter, adapter
         if previous is not None and previous.key != adapter.key:
             await self.engine.unload_adapter(previous)
+            shutil.rmtree(previous.path, ignore_errors=True)
         return time.perf_counter() - start
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
@@ -74,6 +104,9 @@ class RolloutWorker:
         import os
 
         return os.getpid()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.adapters_dir, ignore_errors=True)
 
 
 class RewardWorker:
@@ -96,7 +129,7 @@ class RolloutPool:
         self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 64}
         self.workers = [self._spawn(i) for i in range(size)]
         ray.get([w.start.remote() for w in self.workers])
-        self.adapter: AdapterRef | None = None
+        self.adapter: AdapterVersion | None = None
         self.replaced = 0
 
     def _spawn(self, index: int):
@@ -115,10 +148,11 @@ class RolloutPool:
             ray.get(self.workers[index].set_adapter.remote(self.adapter))
         self.replaced += 1
 
-    def set_adapter(self, adapter: AdapterRef) -> float:
-        """Every worker switches to ``adapter``; returns the slowest worker's load time."""
-        self.adapter = adapter
-        return max(self._call_all([lambda w: w.set_adapter.remote(adapter)] * self.size))
+    def set_adapter(self, version: AdapterVersion) -> float:
+        """Every worker switches to ``version``; returns the slowest worker's load time."""
+        self.adapter = version
+        shipped = ray.put(version)  # stored once, fetched by each actor's node
+        return max(self._call_all([lambda w: w.set_adapter.remote(shipped)] * self.size))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         shares = [prompts[i::self.size] for i in range(self.size)]
@@ -149,4 +183,8 @@ class RolloutPool:
 
     def shutdown(self) -> None:
         for worker in self.workers:
+            try:
+                ray.get(worker.cleanup.remote(), timeout=60)
+            except Exception:  # a dead actor: nothing to ask it
+                pass
             ray.kill(worker)

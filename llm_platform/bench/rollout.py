@@ -54,8 +54,8 @@ def run_engine(model: str, work) -> tuple[float, int]:
 def run_actors(model: str, work, lora_dir: Path) -> tuple[float, int, float]:
     import ray
 
-    from llm_platform.alignment.rollout import RolloutWorker
-    from llm_platform.engine import AdapterRef, EngineConfig
+    from llm_platform.alignment.rollout import AdapterVersion, RolloutWorker
+    from llm_platform.engine import EngineConfig
 
     engine = EngineConfig(model=model, kind="vllm", max_model_len=512, enable_soft_prompts=False)
     actor = ray.remote(RolloutWorker).options(num_cpus=1, max_concurrency=256).remote(engine)
@@ -69,8 +69,7 @@ def run_actors(model: str, work, lora_dir: Path) -> tuple[float, int, float]:
     for version in range(1, 4):
         t0 = time.perf_counter()
         _save_lora(model, lora_dir / f"v{version}", seed=version)
-        ray.get(actor.set_adapter.remote(AdapterRef(name="policy", kind="lora", path=str(lora_dir / f"v{version}"),
-                                                    version=version)))
+        ray.get(actor.set_adapter.remote(AdapterVersion.from_folder(lora_dir / f"v{version}", "policy", version)))
         sync.append(time.perf_counter() - t0)
     ray.kill(actor)
     return elapsed, sum(len(s.response_ids) for s in samples), sorted(sync)[1]

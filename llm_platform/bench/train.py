@@ -27,7 +27,7 @@ def run(model: str, steps: int, config: str | Path = CONFIG) -> dict:
     import torch
 
     from llm_platform.training.loop import train_sft
-    from train_jobs import sft
+    from llm_platform.training import sft_job as sft
 
     cores = os.cpu_count() or 1
     base = [f"model={model}", f"optim.max_steps={steps}", "optim.save_every=0", "data.eval_limit=32",

@@ -17,7 +17,7 @@ APP_NAME = "llm-platform"
 
 def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
     """Deploy ``config`` and block until SIGINT or SIGTERM, then shut down cleanly."""
-    from serve_apps.openai_app import build, prepare
+    from llm_platform.serving.app import build, prepare
 
     config = prepare(config)
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 STATE = "state"
 PROGRESS = "progress.json"
+SETTINGS = "llmp_settings.json"
 
 
 def save(folder: str | Path, model, optimizer, scheduler, step: int, extra: dict, adapter_only: bool) -> None:
@@ -26,6 +27,8 @@ def save(folder: str | Path, model, optimizer, scheduler, step: int, extra: dict
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(folder) / STATE))
     progress = {"step": step, "scheduler": scheduler.state_dict(), **extra}
     (Path(folder) / PROGRESS).write_text(json.dumps(progress))
+    if "settings" in extra:
+        write_settings(folder, extra["settings"])
 
 
 def load(folder: str | Path, model, optimizer, scheduler, adapter_only: bool) -> dict:
@@ -42,18 +45,27 @@ def load(folder: str | Path, model, optimizer, scheduler, adapter_only: bool) ->
     return progress
 
 
-def latest_progress(storage: str, run_name: str) -> dict | None:
-    """The progress record of a run's newest checkpoint in ``storage`` (folder or URI), if there is one."""
+def write_settings(folder: str | Path, settings: dict) -> None:
+    """The run's training settings, stored with each checkpoint (every job does this, see
+    :func:`stored_settings`)."""
+    (Path(folder) / SETTINGS).write_text(json.dumps(settings, sort_keys=True))
+
+
+def stored_settings(storage: str, run_name: str) -> dict | None:
+    """The training settings stored with a run's newest checkpoint in ``storage`` (folder or URI), if any:
+    at the checkpoint's top (SFT, PPO) or in the Hugging Face Trainer checkpoint inside it (reward, DPO)."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    from llm_platform.storage import open_filesystem
+
+    fs, root = open_filesystem(storage)
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
     folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     for folder in reversed(folders):
-        info = fs.get_file_info(f"{folder}/{PROGRESS}")
-        if info.type == pafs.FileType.File:
-            with fs.open_input_stream(info.path) as f:
-                return json.loads(f.read())
+        for path in (f"{folder}/{SETTINGS}", f"{folder}/checkpoint/{SETTINGS}"):
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                with fs.open_input_stream(path) as f:
+                    return json.loads(f.read())
     return None
 
 

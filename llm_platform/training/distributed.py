@@ -43,10 +43,22 @@ def ray_train_context() -> WorkerContext:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     context = ray.train.get_context()
-    checkpoint = ray.train.get_checkpoint()
     return WorkerContext(rank=context.get_world_rank(), world=context.get_world_size(),
-                         device=ray.train.torch.get_device(),
-                         checkpoint_dir=checkpoint.path if checkpoint else None, report=report)
+                         device=ray.train.torch.get_device(), checkpoint_dir=restored_checkpoint(), report=report)
+
+
+def restored_checkpoint() -> str | None:
+    """A local folder holding the checkpoint Ray Train restores from, if any. A checkpoint in an object
+    store (``storage_path`` an ``s3://`` URI) is downloaded first: the loaders read local files."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory()
 
 
 def shard(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:

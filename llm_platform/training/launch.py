@@ -12,19 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from llm_platform import console
 from llm_platform.cluster import connect
+from llm_platform.errors import PlatformError
 from llm_platform.training.config import ScalingSettings
 
 
-def storage_for(storage_path: str | None, output_dir: Path) -> str:
-    """Ray Train's storage: the configured folder or URI, else ``OUTPUT_DIR/ray``; always absolute."""
-    if storage_path and "://" in storage_path:
-        return storage_path
-    return str(Path(storage_path).expanduser().resolve() if storage_path else output_dir / "ray")
+def storage_for(storage_path: str | None, output_dir: str) -> str:
+    """Ray Train's storage: the configured folder or URI, else ``OUTPUT_DIR/ray`` (on the object store when
+    ``output_dir`` is a URI: checkpoints written on a worker node must be readable from wherever the group
+    restarts); local folders made absolute."""
+    location = storage_path or f"{output_dir.rstrip('/')}/ray"
+    return location if "://" in location else str(Path(location).expanduser().resolve())
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, run_name: str,
@@ -44,5 +46,19 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scaling: ScalingSet
     )
     try:
         return trainer.fit()
+    except TrainingFailedError as exc:
+        cause = _platform_error(exc)
+        if cause is None:
+            raise
+        raise PlatformError(str(cause)) from exc  # ours says what to change: one line, not Ray's traceback
     finally:
         console.flush_progress()  # the workers' last progress lines, before the caller prints on
+
+
+def _platform_error(exc: Exception) -> PlatformError | None:
+    """The platform's own error raised in a worker (a misconfiguration it explains), if that is what failed."""
+    for failure in getattr(exc, "worker_failures", {}).values():
+        for candidate in (failure, getattr(failure, "cause", None)):
+            if isinstance(candidate, PlatformError):
+                return candidate
+    return None

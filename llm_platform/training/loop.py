@@ -43,8 +43,9 @@ def global_order(n_examples: int, steps: int, batch_size: int, seed: int) -> lis
     return order
 
 
-def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
-    """Train per ``cfg``; rank 0 writes metrics.jsonl, summary.json and the weights into ``folder``."""
+def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path | None) -> dict:
+    """Train per ``cfg``; rank 0 writes metrics.jsonl, summary.json and the weights into ``folder`` (its
+    ``output`` names the weights' subfolder; None on the other ranks)."""
     torch.manual_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg.model)
     labels = task_labels(cfg.data)
@@ -118,7 +119,7 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path) -> dict:
                "param_bytes_by_rank": held, "param_bytes_total": total_bytes,
                "resumed_from_step": start or None, "train_seconds": train_seconds,
                "steps_per_s": (cfg.optim.max_steps - start) / max(train_seconds, 1e-9),
-               "output": str(folder / ("model" if cfg.method == "full" else "adapter"))}
+               "output": "model" if cfg.method == "full" else "adapter"}
     if "eval_accuracy" in after:
         summary.update(eval_accuracy=after["eval_accuracy"], eval_accuracy_before=before["eval_accuracy"],
                        eval_examples=len(test_pairs))

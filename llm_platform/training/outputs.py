@@ -1,25 +1,40 @@
-"""What a job leaves behind: ``metrics.jsonl``, ``summary.json``, weights, and optionally a registration.
+"""What a job leaves behind (``metrics.jsonl``, ``summary.json``, weights, ``config.yaml``) and how it gets
+from the node that made it to where the user finds it.
 
-Jobs write into a local folder; when ``output_dir`` is an object-store URI the folder
-is a staging area copied there at the end with ``pyarrow.fs``, so a job on a remote
-worker node leaves its results where the user can reach them.
+A job's ``output_dir`` is a folder or an object-store URI (``s3://``, ``gs://``). The driver (the entry
+point ``ray job submit`` runs, usually on the head node) and rank 0 of the training workers (usually on
+another node) see it through one :class:`JobOutputs`:
+
+- the driver creates it, saves ``config.yaml`` there and leaves a marker file named after the run;
+- rank 0 writes into a local folder: ``output_dir`` itself when it is a folder *its* node sees (the
+  marker is there: the same machine, or a mount every node shares), else a staging folder unique to
+  the run, uploaded with ``pyarrow.fs`` when training ends. A local ``output_dir`` that the worker's
+  node does not see fails at the start, saying what to use, instead of the outputs ending on the
+  worker's disk where nobody reads them;
+- the driver reads ``summary.json`` back from ``output_dir`` (never from a worker's disk), writes the
+  published locations into it, and registers adapters by those locations.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 from llm_platform import console
 from llm_platform.errors import PlatformError
+from llm_platform.storage import is_uri, open_filesystem
 
-
-def is_uri(path: str) -> bool:
-    return "://" in path
+MARKER = ".llmp-run-{}"
 
 
 def absolute(path: str, create: bool = False) -> str:
@@ -29,25 +44,105 @@ def absolute(path: str, create: bool = False) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def local_dir(output_dir: str, run_name: str) -> Path:
-    """The folder a job writes into: ``output_dir`` itself, or a staging folder for a URI."""
-    if is_uri(output_dir):
-        folder = Path(tempfile.gettempdir()) / "llmp-staging" / run_name
-    else:
-        folder = Path(output_dir).expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+@dataclass(frozen=True)
+class JobOutputs:
+    """One run's ``output_dir``, as the driver and the training workers see it (see the module doc)."""
 
+    output_dir: str
+    run_id: str
+    """Unique per run: names the marker and the staging folder, so two runs never share one."""
 
-def publish(folder: Path, output_dir: str) -> None:
-    """Copy the staged results to ``output_dir`` when it is a URI (a local output_dir is the folder)."""
-    if not is_uri(output_dir):
-        return
-    import pyarrow.fs as pafs
+    @classmethod
+    def create(cls, output_dir: str) -> "JobOutputs":
+        """On the driver: make ``output_dir`` and leave this run's marker in it."""
+        outputs = cls(absolute(output_dir, create=True).rstrip("/"), uuid.uuid4().hex[:12])
+        outputs.write_text(outputs.marker, f"driver on {socket.gethostname()}\n")
+        return outputs
 
-    target, path = pafs.FileSystem.from_uri(output_dir)
-    target.create_dir(path, recursive=True)
-    pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target)
+    @property
+    def marker(self) -> str:
+        return MARKER.format(self.run_id)
+
+    def location(self, *parts: str) -> str:
+        """The path or URI of something under ``output_dir``."""
+        return "/".join([self.output_dir, *[p.strip("/") for p in parts if p]])
+
+    def worker_folder(self) -> Path:
+        """On rank 0: the local folder to write outputs into, before :meth:`publish`."""
+        if is_uri(self.output_dir):
+            folder = Path(tempfile.gettempdir()) / "llmp-staging" / self.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        folder = Path(self.output_dir)
+        if not (folder / self.marker).exists():
+            raise PlatformError(
+                f"output_dir {self.output_dir} is a folder on the driver's node that the training worker's node "
+                f"({socket.gethostname()}) does not see, so the outputs would stay on the worker's disk: on a "
+                f"cluster of several machines set output_dir (and storage_path) to an s3:// or gs:// URI, or to "
+                f"a folder every node mounts")
+        return folder
+
+    def publish(self, folder: Path) -> None:
+        """On rank 0, at the end: upload a staging folder to ``output_dir`` (a local one is written in place)."""
+        if folder == Path(self.output_dir):
+            return
+        fs, path = open_filesystem(self.output_dir)
+        pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                        use_threads=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def upload(self, local: Path, name: str) -> str:
+        """A local file or folder copied to ``output_dir/name``, replacing what was there; its location."""
+        fs, path = open_filesystem(self.location(name))
+        if local.is_dir():
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        else:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return self.location(name)
+
+    def copy_within(self, source: str, name: str) -> str:
+        """``source`` (a location in the same filesystem, e.g. a trial's adapter) copied to ``output_dir/name``."""
+        fs, path = open_filesystem(self.location(name))
+        _, source_path = open_filesystem(source)
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+        pafs.copy_files(source_path, path, source_filesystem=fs, destination_filesystem=fs)
+        return self.location(name)
+
+    def read_text(self, name: str) -> str | None:
+        fs, path = open_filesystem(self.location(name))
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+
+    def read_json(self, name: str) -> dict:
+        text = self.read_text(name)
+        if text is None:
+            raise PlatformError(f"the job ended without writing {self.location(name)}")
+        return json.loads(text)
+
+    def write_text(self, name: str, text: str) -> str:
+        fs, path = open_filesystem(self.location(name))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+        return self.location(name)
+
+    def write_json(self, name: str, data: dict) -> str:
+        return self.write_text(name, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def finish(self) -> None:
+        """On the driver, when the run ends (either way): remove the marker."""
+        fs, path = open_filesystem(self.location(self.marker))
+        try:
+            fs.delete_file(path)
+        except (FileNotFoundError, OSError):
+            pass
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 class MetricsLog:

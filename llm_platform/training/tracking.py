@@ -34,22 +34,9 @@ def check_tracking(tracking: TrackingSettings) -> None:
                               f"installed (pip install {PACKAGES[name] if name != 'mlflow' else 'mlflow-skinny'})")
 
 
-def start_job(cfg, folder: Path) -> None:
-    """What every job's driver does before training: check its trackers, save its resolved config."""
-    check_tracking(cfg.tracking)
-    save_config(folder, cfg.model_dump(mode="json"))
-
-
 def tracker(cfg, folder: Path, job: str, resume_step: int | None = None) -> "RunTracker":
     """The run tracker of a job config with ``tracking`` and ``run_name`` (rank 0 only)."""
     return RunTracker(folder, cfg.tracking, cfg.run_name, job, cfg.model_dump(mode="json"), resume_step)
-
-
-def save_config(folder: Path, config: dict) -> Path:
-    """The resolved config (after defaults, overrides and path resolution) as ``config.yaml``."""
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:

@@ -21,6 +21,7 @@ from ray.tune.experiment import Trial
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from llm_platform.training.config import ScalingSettings, SFTConfig
+from llm_platform.training.job import Job
 from llm_platform.tuning.space import TuneSearchConfig, alpha_for
 
 PLACEMENT_GROUP = "placement_group"
@@ -37,16 +38,14 @@ def worker_share(scaling: ScalingSettings) -> ScalingSettings:
     return scaling.model_copy(update={"cpus_per_worker": cpus})
 
 
-def trial_loop_per_worker(loop_config: dict) -> None:
-    """``train_jobs.sft``'s worker loop, with two changes to the rows Tune sees. Each names the worker
-    group's placement group (for ``ReleaseStoppedRuns``). The last step's row goes without ``step``:
-    ASHA stops a trial the moment its time attribute reaches ``max_t``, which would end the workers
-    before they evaluate and save the adapter; the trial reports its final figures once they are written."""
+def trial_train(cfg: SFTConfig, folder) -> None:
+    """The SFT job's worker loop, with two changes to the rows Tune sees. Each names the worker group's
+    placement group (for ``ReleaseStoppedRuns``). The last step's row goes without ``step``: ASHA stops a
+    trial the moment its time attribute reaches ``max_t``, which would end the workers before they
+    evaluate and save the adapter; the trial reports its final figures once they are written."""
     from llm_platform.training.distributed import ray_train_context
     from llm_platform.training.loop import train_sft
-    from llm_platform.training.outputs import local_dir
 
-    cfg = SFTConfig.model_validate(loop_config["config"])
     ctx = ray_train_context()
     group = ray.get_runtime_context().get_placement_group_id()
     send = ctx.report
@@ -57,7 +56,11 @@ def trial_loop_per_worker(loop_config: dict) -> None:
             del tagged["step"]
         send(tagged, checkpoint_dir)
 
-    train_sft(cfg, dataclasses.replace(ctx, report=report), local_dir(cfg.output_dir, cfg.run_name))
+    train_sft(cfg, dataclasses.replace(ctx, report=report), folder)
+
+
+TRIAL_JOB = Job(name="sft", config=SFTConfig, train=trial_train, example_config="tune_spaces/configs/local.yaml")
+"""A trial is the SFT job (same skeleton and outputs) with Tune's view of its reports."""
 
 
 def trial_dirname(trial: Trial) -> str:

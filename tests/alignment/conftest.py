@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "train_jobs" / "configs"
 @pytest.fixture(scope="session")
 def sft_chat_model(ray_local, tiny_models, tmp_path_factory) -> Path:
     from llm_platform.training.config import SFTConfig
-    from train_jobs import sft
+    from llm_platform.training import sft_job as sft
 
     out = tmp_path_factory.mktemp("sft-chat")
     sft.main(load_config(SFTConfig, CONFIGS / "local_sft_chat.yaml",
@@ -25,7 +25,7 @@ def sft_chat_model(ray_local, tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reward_run(ray_local, sft_chat_model, tmp_path_factory) -> tuple[Path, dict]:
-    from train_jobs import reward_model
+    from llm_platform.alignment import reward_job as reward_model
 
     out = tmp_path_factory.mktemp("reward")
     summary = reward_model.main(load_config(reward_model.RewardJobConfig, CONFIGS / "local_reward.yaml",

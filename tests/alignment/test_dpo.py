@@ -18,7 +18,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin(ray_local, tiny_models, tmp_
 
     from llm_platform.alignment.preferences import PreferenceData, load_pairs, preference_margins
     from llm_platform.models.loading import load_causal_lm, load_tokenizer
-    from train_jobs import dpo
+    from llm_platform.alignment import dpo_job as dpo
 
     base_path = str(tiny_models["tiny-s"])
     summary = dpo.main(load_config(dpo.DPOJobConfig, CONFIGS / "local_dpo.yaml",

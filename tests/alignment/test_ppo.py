@@ -58,7 +58,7 @@ def test_stale_weights_are_detected_against_real_vllm_logprobs(tiny_models, engi
     from llm_platform.engine import SamplingParams
     from llm_platform.models.loading import load_causal_lm, load_tokenizer
     from llm_platform.training.distributed import WorkerContext
-    from train_jobs.rlhf import StaleWeightsError, _learn, verify_sync
+    from llm_platform.alignment.rlhf_job import StaleWeightsError, _learn, verify_sync
 
     base = str(tiny_models["tiny-s"])
     tokenizer = load_tokenizer(base)

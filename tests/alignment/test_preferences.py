@@ -61,7 +61,8 @@ def test_conversational_records_pass_through(pairs):
 
 
 def test_reward_and_dpo_configs_validate():
-    from train_jobs import dpo, reward_model
+    from llm_platform.alignment import dpo_job as dpo
+    from llm_platform.alignment import reward_job as reward_model
 
     for name in ("local_reward.yaml", "gpu_reward.yaml"):
         cfg = load_config(reward_model.RewardJobConfig, CONFIGS / name)
@@ -84,7 +85,7 @@ def test_reward_and_dpo_configs_validate():
 
 
 def test_bad_inputs_fail_before_any_worker_starts(tiny_models, tmp_path):
-    from train_jobs import reward_model
+    from llm_platform.alignment import reward_job as reward_model
 
     def run(*overrides):
         return reward_model.main(load_config(reward_model.RewardJobConfig, CONFIGS / "local_reward.yaml",

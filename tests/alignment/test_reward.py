@@ -13,7 +13,7 @@ from tests.alignment.conftest import CONFIGS
 
 
 def reward_config(model, out, *overrides):
-    from train_jobs.reward_model import RewardJobConfig
+    from llm_platform.alignment.config import RewardJobConfig
 
     return load_config(RewardJobConfig, CONFIGS / "local_reward.yaml", [f"model={model}", f"output_dir={out}",
                                                                         *overrides])
@@ -21,7 +21,7 @@ def reward_config(model, out, *overrides):
 
 @pytest.fixture(scope="module")
 def local_reward_run(ray_local, tiny_models, tmp_path_factory):
-    from train_jobs import reward_model
+    from llm_platform.alignment import reward_job as reward_model
 
     out = tmp_path_factory.mktemp("reward-local")
     return out, reward_model.main(reward_config(tiny_models["tiny-s"], out))
@@ -67,7 +67,7 @@ def test_saved_rewards_are_centred_on_the_training_set(local_reward_run):
 
 @pytest.mark.slow
 def test_rerun_with_other_settings_is_refused(local_reward_run, tiny_models):
-    from train_jobs import reward_model
+    from llm_platform.alignment import reward_job as reward_model
 
     out, _ = local_reward_run
     with pytest.raises(PlatformError, match=r"other settings \(changed: optim\)"):
@@ -77,7 +77,7 @@ def test_rerun_with_other_settings_is_refused(local_reward_run, tiny_models):
 @pytest.mark.slow
 def test_two_workers_train_like_one(local_reward_run, tiny_models, tmp_path):
     """DDP on two CPU workers: the global batch is split across them, so they log the same losses."""
-    from train_jobs import reward_model
+    from llm_platform.alignment import reward_job as reward_model
 
     out, one = local_reward_run
     two = reward_model.main(reward_config(tiny_models["tiny-s"], tmp_path, "scaling.num_workers=2"))
@@ -94,7 +94,7 @@ def test_lora_reward_model_is_merged_into_a_plain_classifier(ray_local, tiny_mod
 
     from llm_platform.alignment.preferences import PreferenceData, load_pairs
     from llm_platform.alignment.reward import RewardScorer
-    from train_jobs import reward_model
+    from llm_platform.alignment import reward_job as reward_model
 
     summary = reward_model.main(reward_config(tiny_models["tiny-s"], tmp_path, "lora={r: 8, alpha: 16}",
                                               "optim.learning_rate=3e-3", "optim.max_steps=15"))

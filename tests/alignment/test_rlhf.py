@@ -48,7 +48,7 @@ def kill_rollout_actor_after(name: str, metrics: Path, iteration: int, done: thr
 @pytest.mark.slow
 def test_ppo_raises_reward_and_survives_a_killed_rollout_actor(ray_local, rlhf_inputs, tmp_path):
     from llm_platform.alignment.config import RLHFConfig
-    from train_jobs import rlhf
+    from llm_platform.alignment import rlhf_job as rlhf
 
     sft_model, reward_model = rlhf_inputs
     cfg = load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml",

@@ -13,7 +13,7 @@ def run_sft(config: str, model: Path, out: Path, *overrides: str) -> dict:
     """Run ``train_jobs.sft`` with a bundled config on ``model``, writing into ``out``."""
     from llm_platform.config import load_config
     from llm_platform.training.config import SFTConfig
-    from train_jobs import sft
+    from llm_platform.training import sft_job as sft
 
     cfg = load_config(SFTConfig, CONFIGS / config, [f"model={model}", f"output_dir={out}", *overrides])
     return sft.main(cfg)

@@ -1,5 +1,6 @@
-"""``ray job submit`` against a real Ray head started for the test, with a worker killed mid-run:
-Ray Train restarts the group, the run resumes from its last checkpoint and still finishes."""
+"""``ray job submit`` against a real Ray head started for the test, with ``output_dir`` (and so Ray Train's
+storage) on a real S3 server, and a worker killed mid-run: Ray Train restarts the group, the run resumes
+from its last checkpoint, downloaded from S3, and still finishes; every output ends in S3."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +25,9 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A Ray head on free ports with its own temp dir and its own auth token (none left from other runs)."""
+def ray_head(s3, tmp_path_factory):
+    """A Ray head on free ports with its own temp dir and its own auth token (none left from other runs).
+    Its environment has the S3 server's endpoint and keys (the ``s3`` fixture puts them in ours)."""
     temp = tmp_path_factory.mktemp("ray")
     gcs, dashboard = free_port(), free_port()
     address = f"http://127.0.0.1:{dashboard}"
@@ -75,8 +78,10 @@ def train_worker_pids(head) -> list[int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_submitted_job_survives_a_killed_worker(ray_head, tiny_models, tmp_path):
-    out = tmp_path / "out"
+def test_submitted_job_survives_a_killed_worker(ray_head, s3, tiny_models, tmp_path):
+    out = s3.uri("submitted-sft")
+    staging = Path(tempfile.gettempdir()) / "llmp-staging"
+    staged_before = set(staging.iterdir()) if staging.exists() else set()
     submit = [BIN / "ray", "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
               "--no-wait", "--", "python", "-m", "train_jobs.sft", "--config", "train_jobs/configs/local_lora.yaml",
               f"model={tiny_models['tiny-s']}", f"output_dir={out}", "optim.max_steps=60", "optim.save_every=10",
@@ -85,11 +90,9 @@ def test_submitted_job_survives_a_killed_worker(ray_head, tiny_models, tmp_path)
     assert result.returncode == 0, result.stderr
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", result.stdout + result.stderr).group(0)
 
-    metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:  # a checkpoint exists once step 10 is logged; kill before the end
-        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        if steps and steps[-1] >= 20:
+    while time.time() < deadline:  # kill once two checkpoints (steps 10, 20) are in S3, before the end
+        if len({p.split("/")[0] for p in s3.listing(f"{out}/ray/sft-lora") if p.startswith("checkpoint_")}) >= 2:
             break
         assert job_status(ray_head, job_id) in ("PENDING", "RUNNING"), job_logs(ray_head, job_id)[-3000:]
         time.sleep(0.5)
@@ -101,10 +104,14 @@ def test_submitted_job_survives_a_killed_worker(ray_head, tiny_models, tmp_path)
         time.sleep(2)
     logs = job_logs(ray_head, job_id)
     assert job_status(ray_head, job_id) == "SUCCEEDED", logs[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    summary = json.loads(s3.read(f"{out}/summary.json"))
+    rows = [json.loads(line) for line in s3.read(f"{out}/metrics.jsonl").decode().splitlines()]
     resumed = [r for r in rows if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] >= 10 and summary["resumed_from_step"] == resumed[0]["step"]
     assert [r["step"] for r in rows if "loss" in r][-1] == 60
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary["output"] == f"{out}/adapter"
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors"} <= set(s3.listing(out))
+    assert not [p for p in s3.listing(out) if p.startswith(".llmp-run-")]  # the driver's marker is gone
+    assert (set(staging.iterdir()) if staging.exists() else set()) == staged_before  # staging folder removed
     assert "resumed from the checkpoint" in logs

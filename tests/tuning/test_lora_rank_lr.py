@@ -1,9 +1,11 @@
 """The LoRA rank × learning-rate search on Ray Tune (Optuna + ASHA) with SFT trials on Ray Train,
-run as users run it: ``python -m tune_spaces.lora_rank_lr`` in its own process and local Ray cluster."""
+run as users run it: ``python -m tune_spaces.lora_rank_lr`` in its own process and local Ray cluster, with
+its output_dir (trials, Tune's experiment state, the best adapter) on a real S3 server."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -20,15 +22,16 @@ CONFIG = REPO / "tune_spaces" / "configs" / "local.yaml"
 
 
 @pytest.mark.slow
-def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(tiny_models, tmp_path):
+def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(tiny_models, s3, tmp_path):
     """The search is killed (with its Ray cluster) after two trials ended, then started again: it resumes,
     the two ended trials are not run again, and the results cover all six."""
     from peft import PeftConfig
 
+    out = s3.uri("tune")
     command = [sys.executable, "-m", "tune_spaces.lora_rank_lr", "--config", str(CONFIG),
                f"sft_overrides=[model={tiny_models['tiny-s']}, data.eval_limit=32]", "num_samples=6",
                "max_steps=24", "eval_every=4", "grace_period=4", "reduction_factor=2", "lr_min=1e-5", "lr_max=2e-2",
-               f"output_dir={tmp_path}"]
+               f"output_dir={out}"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                              start_new_session=True)
     ended = []
@@ -46,9 +49,8 @@ def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(tiny_models,
     assert "resuming the search" in run.stdout
     resumed = PROGRESS.findall(run.stdout)  # a progress line per trial that ended in this run
     assert not set(ended) & set(resumed) and len(resumed) <= 4
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    with (tmp_path / "results.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    summary = json.loads(s3.read(f"{out}/summary.json"))
+    rows = list(csv.DictReader(io.StringIO(s3.read(f"{out}/results.csv").decode())))
     assert len(rows) == summary["trials"] == 6 and set(ended) <= {r["trial"] for r in rows}
     assert len({r["rank"] for r in rows}) > 1 and len({r["learning_rate"] for r in rows}) > 1
     assert all(int(r["alpha"]) == 2 * int(r["rank"]) for r in rows)
@@ -58,8 +60,9 @@ def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(tiny_models,
     completed = [r for r in rows if r["stopped_early"] == "False"]
     best = min(completed, key=lambda r: float(r["eval_loss"]))
     assert summary["best_config"]["rank"] == int(best["rank"])
-    assert PeftConfig.from_pretrained(tmp_path / "best_adapter").r == int(best["rank"])
-    assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["best_adapter"] == f"{out}/best_adapter"
+    assert PeftConfig.from_pretrained(s3.download(summary["best_adapter"], tmp_path / "best")).r == int(best["rank"])
+    assert s3.read(f"{out}/search.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["baseline"]["steps"] == 24 and "best_beats_baseline" in summary
 
 
