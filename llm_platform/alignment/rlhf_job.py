@@ -81,7 +81,7 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
     pool = reward = None
     if ctx.is_main:
         engine = EngineConfig(model=cfg.policy_model, kind=cfg.rollout.engine, max_model_len=cfg.rollout.max_model_len,
-                              enable_soft_prompts=False, max_lora_rank=max(cfg.lora.r, 8), max_loras=1,
+                              enable_soft_prompts=False, max_lora_rank=lora_slot_rank(cfg.lora.r), max_loras=1,
                               max_cpu_loras=2, cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, seed=cfg.ppo.seed)
         pool = RolloutPool(engine, cfg.rollout.num_workers, cfg.rollout.cpus_per_worker,
                            cfg.rollout.gpus_per_worker, cfg.run_name)
@@ -93,17 +93,18 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
 
     for iteration in range(start, cfg.ppo.iterations):
         row = {"iteration": iteration + 1, "rollout_engine": cfg.rollout.engine}
-        batch_prompts = random.Random(cfg.ppo.seed * 1000 + iteration).sample(prompts, cfg.ppo.prompts_per_iteration)
+        batch = random.Random(cfg.ppo.seed * 1000 + iteration).sample(prompts, cfg.ppo.prompts_per_iteration)
         payload = [None]
         if ctx.is_main:
             t0 = time.perf_counter()
-            samples = pool.generate(batch_prompts, sampling)
+            samples = pool.generate([ids for _, ids in batch], sampling)
             row["generate_s"] = time.perf_counter() - t0
             n_tokens = sum(len(s.response_ids) for s in samples)
             row["rollout_tokens_per_s"] = n_tokens / row["generate_s"]
             t0 = time.perf_counter()
-            texts = [tokenizer.decode(s.prompt_ids, skip_special_tokens=True) for s in samples]
-            scores = ray.get(reward.score.remote([_user_turn(t) for t in texts], [s.response_text for s in samples]))
+            # The reward model scores the user's text and the reply, as it was trained (the prompt's own text,
+            # carried along: no chat template is parsed back).
+            scores = ray.get(reward.score.remote([text for text, _ in batch], [s.response_text for s in samples]))
             row["score_s"] = time.perf_counter() - t0
             payload = [(samples, scores)]
         if ctx.world > 1:
@@ -189,18 +190,27 @@ def _learn(cfg, model, core, optimizer, kl_control, samples, scores, pad_id, ctx
             "policy_loss": pl / n_steps, "value_loss": vl / n_steps, "clip_fraction": cf / n_steps}
 
 
-def _prompts(cfg: RLHFConfig, tokenizer) -> list[list[int]]:
+def _prompts(cfg: RLHFConfig, tokenizer) -> list[tuple[str, list[int]]]:
+    """Each distinct prompt: its text (for the reward model) and its chat-rendered token ids (for the policy)."""
     from llm_platform.alignment.rollout import chat_prompt_ids
     from llm_platform.data.loader import load_records
 
     records = load_records(cfg.prompts, "train", limit=cfg.prompt_limit, columns=("prompt",))
-    unique = sorted(set(records["prompt"]))
-    return [chat_prompt_ids(tokenizer, p) for p in unique]
+    return [(p, chat_prompt_ids(tokenizer, p)) for p in sorted(set(records["prompt"]))]
 
 
-def _user_turn(rendered: str) -> str:
-    """The user's text back from a rendered chat prompt (what the reward model was trained on)."""
-    return rendered.split("<|user|>\n", 1)[-1].split("<|assistant|>", 1)[0].strip()
+def lora_slot_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank`` (vLLM 0.32 takes only
+    1, 8, 16, 32, 64, 128, 256, 320, 512; ``max(rank, 8)`` gave 12 for a rank-12 policy, which it refuses)."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(get_args(MaxLoRARanks))
+    fitting = [r for r in allowed if r >= rank]
+    if not fitting:
+        raise PlatformError(f"lora.r {rank}: vLLM serves LoRA ranks up to {allowed[-1]}")
+    return fitting[0]
 
 
 def _publish_policy(core, version: int, pool) -> float:

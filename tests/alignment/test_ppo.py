@@ -86,3 +86,17 @@ def test_stale_weights_are_detected_against_real_vllm_logprobs(tiny_models, engi
     assert other["logprob_abs_diff"] > 1e-2
     with pytest.raises(StaleWeightsError, match="not sampling from the weights being trained"):
         verify_sync({"iteration": 1, **other}, tolerance=1e-2)
+
+
+def test_rollout_engines_get_a_lora_slot_rank_vllm_accepts():
+    from vllm.config.lora import LoRAConfig
+
+    from llm_platform.alignment.rlhf_job import lora_slot_rank
+    from llm_platform.errors import PlatformError
+
+    for rank in (1, 4, 8, 12, 16, 40, 64, 100, 512):
+        slot = lora_slot_rank(rank)
+        assert slot >= rank
+        assert LoRAConfig(max_lora_rank=slot).max_lora_rank == slot  # vLLM's own validation accepts it
+    with pytest.raises(PlatformError, match="up to 512"):
+        lora_slot_rank(513)
