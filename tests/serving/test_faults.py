@@ -26,6 +26,8 @@ from tests.conftest import make_lora
 pytestmark = pytest.mark.slow
 PROMPT = "Review: The lamp is lovely. Is this review positive or negative?\nAnswer:"
 MAX_ONGOING, MAX_QUEUED = 4, 8
+QUEUE_WAIT_S = 3.0
+"""max_queue_wait_s: the longest a request waits in Serve's router for a replica before its 503."""
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,7 @@ def fault_server(tiny_models, tmp_path_factory):
         "adapter_sync_s": 0.5,
         "health_check_period_s": 1,
         "max_queued_requests": MAX_QUEUED,
+        "max_queue_wait_s": QUEUE_WAIT_S,
         "models": [{"id": "tiny-s", "num_cpus": 0.5, "max_adapters": 2, "max_ongoing_requests": MAX_ONGOING,
                     "engine": {"model": str(model), "kind": "vllm", "max_model_len": 2048,
                                "max_num_seqs": MAX_ONGOING}}],
@@ -275,30 +278,36 @@ def engine_cores(server: ServerProcess) -> list[psutil.Process]:
     return [p for p in procs if "EngineCore" in " ".join([p.name()] + p.cmdline())]
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: Serve replaces the replica (health check fails 3 times within "
-                   "~3 s), but a request arriving while no replica runs can wait in Serve's router queue for the "
-                   "new replica (minutes on a busy 2-core machine) beyond the client's 60 s timeout")
 def test_killed_engine_gives_503s_then_service_resumes_without_a_restart(fault_server):
     (core,) = engine_cores(fault_server)
     server_pid = fault_server.process.pid
     core.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    statuses, bad = [], []
+    statuses, bad, slowest_503 = [], [], 0.0
     deadline = killed_at + 480  # a new vLLM replica starts in ~1 min on an idle 2-core machine, minutes when busy
     while time.monotonic() < deadline:
-        r = complete(fault_server, timeout=60)
+        start = time.monotonic()
+        r = complete(fault_server, timeout=60)  # a wait past the client's timeout fails the test (ReadTimeout)
+        took = time.monotonic() - start
         statuses.append(r.status_code)
         if r.status_code == 503:
-            assert int(r.headers["retry-after"]) >= 1
+            slowest_503 = max(slowest_503, took)
+            error = r.json()["error"]
+            if not (int(r.headers["retry-after"]) >= 1 and error["type"] == "service_unavailable"
+                    and error["code"] in {"unavailable", "overloaded"} and "'tiny-s'" in error["message"]):
+                bad.append((dict(r.headers), r.text))
         elif r.status_code != 200:
             bad.append(r.text)
         if r.status_code == 200 and 503 in statuses:
             break
         time.sleep(0.5)
     resumed_after = time.monotonic() - killed_at
-    print(f"engine killed: {statuses.count(503)} x 503 then 200 after {resumed_after:.0f} s")
+    print(f"engine killed: {statuses.count(503)} x 503 (slowest {slowest_503:.1f} s) then 200 after "
+          f"{resumed_after:.0f} s")
     assert not bad, bad
     assert 503 in statuses and statuses[-1] == 200, statuses
+    # Refused at once from Serve's replica status, or after max_queue_wait_s in Serve's router: never a long wait.
+    assert slowest_503 < QUEUE_WAIT_S + 7, slowest_503
     assert fault_server.process.pid == server_pid and fault_server.process.poll() is None
     health = httpx.get(f"{fault_server.url}/healthz")
     assert health.status_code == 200
