@@ -283,7 +283,7 @@ def test_killed_engine_gives_503s_then_service_resumes_without_a_restart(fault_s
     server_pid = fault_server.process.pid
     core.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    statuses, bad, slowest_503 = [], [], 0.0
+    statuses, bad, slowest_503, why = [], [], 0.0, []
     deadline = killed_at + 480  # a new vLLM replica starts in ~1 min on an idle 2-core machine, minutes when busy
     while time.monotonic() < deadline:
         start = time.monotonic()
@@ -293,6 +293,8 @@ def test_killed_engine_gives_503s_then_service_resumes_without_a_restart(fault_s
         if r.status_code == 503:
             slowest_503 = max(slowest_503, took)
             error = r.json()["error"]
+            why.append("queue wait" if "max_queue_wait_s" in error["message"] else
+                       "no running replica" if "no running replica" in error["message"] else error["code"])
             if not (int(r.headers["retry-after"]) >= 1 and error["type"] == "service_unavailable"
                     and error["code"] in {"unavailable", "overloaded"} and "'tiny-s'" in error["message"]):
                 bad.append((dict(r.headers), r.text))
@@ -302,8 +304,8 @@ def test_killed_engine_gives_503s_then_service_resumes_without_a_restart(fault_s
             break
         time.sleep(0.5)
     resumed_after = time.monotonic() - killed_at
-    print(f"engine killed: {statuses.count(503)} x 503 (slowest {slowest_503:.1f} s) then 200 after "
-          f"{resumed_after:.0f} s")
+    print(f"engine killed: {statuses.count(503)} x 503 (slowest {slowest_503:.1f} s; "
+          f"{ {w: why.count(w) for w in sorted(set(why))} }) then 200 after {resumed_after:.0f} s")
     assert not bad, bad
     assert 503 in statuses and statuses[-1] == 200, statuses
     # Refused at once from Serve's replica status, or after max_queue_wait_s in Serve's router: never a long wait.
