@@ -307,12 +307,11 @@ class Ingress:
                 return await stack.enter_async_context(handle.choose_replica())
         except TimeoutError:
             if (self._running or {}).get(base, 1) < 1:
-                message = f"model {base!r} has no running replica (starting or being replaced)"
+                message, code = f"model {base!r} has no running replica (starting or being replaced)", "unavailable"
             else:
-                message = f"model {base!r} is overloaded: every replica stayed busy"
+                message, code = f"model {base!r} is overloaded: every replica stayed busy", "overloaded"
             raise APIError(503, f"{message}; no replica took the request within {self.max_queue_wait_s:g} s "
-                                f"(max_queue_wait_s); retry later", code="unavailable",
-                           retry_after_s=RETRY_AFTER_S) from None
+                                f"(max_queue_wait_s); retry later", code=code, retry_after_s=RETRY_AFTER_S) from None
         except Exception as exc:
             raise _as_api_error(exc, base) from None
 
