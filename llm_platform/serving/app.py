@@ -49,7 +49,7 @@ def build(config: ServeConfig, secrets: Secrets | None = None) -> Application:
     return ingress.bind(models, [s.model_dump() for s in config.models], config.adapter_store,
                         config.adapter_sync_s, secrets=secrets, adapter_sources=list(config.adapter_sources),
                         allow_unauthenticated_admin=config.allow_unauthenticated_admin,
-                        limits=config.limits.model_dump())
+                        limits=config.limits.model_dump(), max_queue_wait_s=config.max_queue_wait_s)
 
 
 def build_app(args: dict) -> Application:

@@ -71,6 +71,10 @@ class ServeConfig(FrozenConfig):
     (Serve's default of 5 would cap the whole endpoint at 5 concurrent requests)."""
     max_queued_requests: int = Field(256, ge=-1)
     """Requests waiting for a replica before new ones get 503 (-1: unbounded)."""
+    max_queue_wait_s: float = Field(30.0, gt=0)
+    """Longest a request waits in Serve's router for a model replica to take it (all busy, or none
+    running while a replica is replaced or scales up from zero); past it the client gets 503 with
+    Retry-After. Only the wait for a replica is bounded: a request a replica has taken runs to the end."""
     adapter_sources: list[str] = []
     """Where adapters may be registered from: local folders (a source must lie inside one) and
     object-store URI prefixes (``s3://bucket/prefix``). A prefix may carry the store's options

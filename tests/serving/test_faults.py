@@ -26,6 +26,10 @@ from tests.conftest import make_lora
 pytestmark = pytest.mark.slow
 PROMPT = "Review: The lamp is lovely. Is this review positive or negative?\nAnswer:"
 MAX_ONGOING, MAX_QUEUED = 4, 8
+QUEUE_WAIT_S = 3.0
+"""max_queue_wait_s: the longest a request waits in Serve's router for a replica before its 503."""
+PROMPT_503_S = QUEUE_WAIT_S + 7
+"""Every 503 comes within this (the wait plus slack for a busy 2-core machine), far below a client's timeout."""
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,7 @@ def fault_server(tiny_models, tmp_path_factory):
         "adapter_sync_s": 0.5,
         "health_check_period_s": 1,
         "max_queued_requests": MAX_QUEUED,
+        "max_queue_wait_s": QUEUE_WAIT_S,
         "models": [{"id": "tiny-s", "num_cpus": 0.5, "max_adapters": 2, "max_ongoing_requests": MAX_ONGOING,
                     "engine": {"model": str(model), "kind": "vllm", "max_model_len": 2048,
                                "max_num_seqs": MAX_ONGOING}}],
@@ -85,6 +90,23 @@ def wait_for(predicate, timeout: float, step: float = 0.5):
             return value
         time.sleep(step)
     return predicate()
+
+
+def refusal_reason(response: httpx.Response) -> str:
+    """Why a 503 came: Serve's own backpressure (its body is not ours), or the code of our OpenAI-shaped error."""
+    try:
+        message, code = response.json()["error"]["message"], response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "serve backpressure"
+    if "max_queue_wait_s" in message:
+        return "queue wait"
+    return "no running replica" if "no running replica" in message else code
+
+
+def tally(refusals: list[tuple[float, str]]) -> dict:
+    """503 reasons: how many, and the slowest answer of each."""
+    return {why: f"{sum(1 for _, w in refusals if w == why)} (slowest {max(t for t, w in refusals if w == why):.1f} s)"
+            for why in sorted({w for _, w in refusals})}
 
 
 def test_admin_is_refused_without_a_key_and_docs_are_off(fault_server, adapters):
@@ -183,6 +205,7 @@ def test_overload_gives_only_200_or_503_and_recovers(fault_server):
     rss_before = tree_rss()
     stop = time.monotonic() + 20
     statuses, latencies, no_retry_after, lock = [], [], [], threading.Lock()
+    refusals = []  # (seconds, why) of each 503
     peak_rss = [rss_before]
 
     def client(_):
@@ -195,7 +218,9 @@ def test_overload_gives_only_200_or_503_and_recovers(fault_server):
                     statuses.append(r.status_code)
                     if r.status_code == 200:
                         latencies.append(time.perf_counter() - start)
-                    elif r.status_code == 503 and not r.headers.get("retry-after", "").isdigit():
+                    if r.status_code == 503:
+                        refusals.append((time.perf_counter() - start, refusal_reason(r)))
+                    if r.status_code == 503 and not r.headers.get("retry-after", "").isdigit():
                         no_retry_after.append((dict(r.headers), r.text[:300]))
                 if r.status_code == 503:
                     time.sleep(0.05)
@@ -215,10 +240,12 @@ def test_overload_gives_only_200_or_503_and_recovers(fault_server):
     p99 = ok[int(0.99 * (len(ok) - 1))] if ok else float("nan")
     print(f"overload soak 20 s, 32 clients: {len(statuses) / 20:.1f} req/s, {len(ok) / 20:.1f} ok/s, "
           f"statuses {counts}, p50 {statistics.median(ok):.2f} s, p99 {p99:.2f} s, "
-          f"tree RSS {rss_before / 2**30:.2f} -> peak {peak_rss[0] / 2**30:.2f} GiB")
+          f"tree RSS {rss_before / 2**30:.2f} -> peak {peak_rss[0] / 2**30:.2f} GiB; "
+          f"503s: {tally(refusals)}")
     assert set(counts) <= {200, 503}, counts
     assert counts.get(200, 0) > 0 and counts.get(503, 0) > 0, counts  # it was overloaded, and still served
     assert not no_retry_after, no_retry_after[:3]
+    assert max(took for took, _ in refusals) < PROMPT_503_S, tally(refusals)
     assert peak_rss[0] - rss_before < 1.5 * 2**30
     quiet = complete(fault_server)
     assert quiet.status_code == 200, quiet.text
@@ -275,30 +302,35 @@ def engine_cores(server: ServerProcess) -> list[psutil.Process]:
     return [p for p in procs if "EngineCore" in " ".join([p.name()] + p.cmdline())]
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: Serve replaces the replica (health check fails 3 times within "
-                   "~3 s), but a request arriving while no replica runs can wait in Serve's router queue for the "
-                   "new replica (minutes on a busy 2-core machine) beyond the client's 60 s timeout")
 def test_killed_engine_gives_503s_then_service_resumes_without_a_restart(fault_server):
     (core,) = engine_cores(fault_server)
     server_pid = fault_server.process.pid
     core.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    statuses, bad = [], []
+    statuses, bad, refusals = [], [], []
     deadline = killed_at + 480  # a new vLLM replica starts in ~1 min on an idle 2-core machine, minutes when busy
     while time.monotonic() < deadline:
-        r = complete(fault_server, timeout=60)
+        start = time.monotonic()
+        r = complete(fault_server, timeout=60)  # a wait past the client's timeout fails the test (ReadTimeout)
+        took = time.monotonic() - start
         statuses.append(r.status_code)
         if r.status_code == 503:
-            assert int(r.headers["retry-after"]) >= 1
+            refusals.append((took, refusal_reason(r)))
+            error = r.json()["error"]
+            if not (int(r.headers["retry-after"]) >= 1 and error["type"] == "service_unavailable"
+                    and error["code"] in {"unavailable", "overloaded"} and "'tiny-s'" in error["message"]):
+                bad.append((dict(r.headers), r.text))
         elif r.status_code != 200:
             bad.append(r.text)
         if r.status_code == 200 and 503 in statuses:
             break
         time.sleep(0.5)
     resumed_after = time.monotonic() - killed_at
-    print(f"engine killed: {statuses.count(503)} x 503 then 200 after {resumed_after:.0f} s")
+    print(f"engine killed: {statuses.count(503)} x 503 {tally(refusals)}, then 200 after {resumed_after:.0f} s")
     assert not bad, bad
     assert 503 in statuses and statuses[-1] == 200, statuses
+    # Refused at once from Serve's replica status, or after max_queue_wait_s in Serve's router: never a long wait.
+    assert max(took for took, _ in refusals) < PROMPT_503_S, tally(refusals)
     assert fault_server.process.pid == server_pid and fault_server.process.poll() is None
     health = httpx.get(f"{fault_server.url}/healthz")
     assert health.status_code == 200
