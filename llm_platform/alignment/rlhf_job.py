@@ -60,6 +60,7 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
 
     from llm_platform.alignment import ppo
     from llm_platform.alignment.rollout import RewardWorker, RolloutPool
+    from llm_platform.engine import EngineConfig, SamplingParams
     from llm_platform.models.loading import load_causal_lm, load_tokenizer
     from llm_platform.training.distributed import shard, unwrap
     from llm_platform.training.outputs import write_summary
