@@ -5,7 +5,6 @@ uploaded, and the driver reads everything back from the store."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
