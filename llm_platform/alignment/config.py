@@ -35,6 +35,21 @@ class SamplingSettings(FrozenConfig):
     """Longest response; responses also end at the end-of-sequence token, so lengths vary."""
 
 
+LOGPROB_TOLERANCE = {"float32": 1e-2, "float16": 5e-2, "bfloat16": 1e-1}
+"""Default ``ppo.logprob_tolerance`` by dtype: float32 runs here differ by ~1e-5 and a stale adapter by
+~0.1-1; bf16 kernels (vLLM's and torch's) round differently, ~1e-2 on average."""
+
+
+class RewardActorSettings(FrozenConfig):
+    """The reward model's Ray actor: its resources (a GPU of its own on GPU clusters) and dtype."""
+
+    num_cpus: float = Field(0, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    """With a GPU the reward model runs on it (``cuda``); else on the CPU."""
+    dtype: DType | None = None
+    """Defaults to the run's ``dtype``."""
+
+
 class PPOSettings(FrozenConfig):
     iterations: int = Field(10, ge=1)
     """Rollout → score → learn → sync rounds."""
@@ -54,9 +69,11 @@ class PPOSettings(FrozenConfig):
     """KL (nats per response) the adaptive coefficient steers towards."""
     kl_horizon: int = Field(1000, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    logprob_tolerance: float = Field(1e-2, gt=0)
+    logprob_tolerance: float | None = Field(None, gt=0)
     """Stop when the engine's and the trainer's log-probabilities of the sampled tokens differ more
-    than this on average: the rollout engine is not running the weights being trained."""
+    than this on average: the rollout engine is not running the weights being trained. Default by
+    ``dtype`` (:data:`LOGPROB_TOLERANCE`): two correct implementations differ more in bf16 than in
+    float32. The difference is logged every iteration (``logprob_abs_diff``) either way."""
     save_every: int = Field(2, ge=1)
     """Iterations between checkpoints."""
     seed: int = 0
@@ -75,8 +92,12 @@ class RLHFConfig(FrozenConfig):
     output_dir: str = "artifacts/rlhf/ppo"
     storage_path: str | None = None
     run_name: str = "rlhf"
+    dtype: DType = "float32"
+    """Weights of the policy and reference in the trainer and in the rollout engines (float32 on CPU;
+    bfloat16 on GPUs: vLLM's CUDA LoRA kernels take only 16-bit); the value head stays float32."""
     lora: LoraSettings = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
     rollout: RolloutSettings = RolloutSettings()
+    reward_actor: RewardActorSettings = RewardActorSettings()
     sampling: SamplingSettings = SamplingSettings()
     ppo: PPOSettings = PPOSettings()
     scaling: ScalingSettings = ScalingSettings()
@@ -89,7 +110,18 @@ class RLHFConfig(FrozenConfig):
                              "must come from the same deterministic policy)")
         if self.ppo.prompts_per_iteration % self.scaling.num_workers:
             raise ValueError("ppo.prompts_per_iteration must be a multiple of scaling.num_workers")
+        if self.scaling.use_gpu and self.dtype == "float32":
+            raise ValueError("dtype: float32 on GPUs is refused (vLLM's CUDA LoRA kernels take float16/bfloat16 "
+                             "only, and a 7B policy does not fit in float32): use bfloat16")
         return self
+
+    @property
+    def logprob_tolerance(self) -> float:
+        return self.ppo.logprob_tolerance or LOGPROB_TOLERANCE[self.dtype]
+
+    @property
+    def reward_dtype(self) -> str:
+        return self.reward_actor.dtype or self.dtype
 
 
 class RewardJobConfig(FrozenConfig):

@@ -22,7 +22,8 @@ class PolicyWithValue(torch.nn.Module):
     def __init__(self, policy):
         super().__init__()
         self.policy = policy
-        self.value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+        # On the policy's device (a GPU worker's, not the CPU), in float32 whatever the policy's dtype.
+        self.value_head = torch.nn.Linear(policy.config.hidden_size, 1, device=policy.device, dtype=torch.float32)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 

@@ -70,7 +70,8 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
     tokenizer = load_tokenizer(cfg.policy_model)
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                       target_modules=list(cfg.lora.target_modules))
-    model = ppo.PolicyWithValue(get_peft_model(load_causal_lm(cfg.policy_model, device=str(ctx.device)), lora))
+    model = ppo.PolicyWithValue(get_peft_model(load_causal_lm(cfg.policy_model, dtype=cfg.dtype,
+                                                               device=str(ctx.device)), lora))
     model = shard(model, "ddp" if ctx.world > 1 else "none", ctx.device)
     core = unwrap(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -81,12 +82,15 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
     prompts = _prompts(cfg, tokenizer)
     pool = reward = None
     if ctx.is_main:
-        engine = EngineConfig(model=cfg.policy_model, kind=cfg.rollout.engine, max_model_len=cfg.rollout.max_model_len,
+        engine = EngineConfig(model=cfg.policy_model, kind=cfg.rollout.engine, dtype=cfg.dtype,
+                              max_model_len=cfg.rollout.max_model_len,
                               enable_soft_prompts=False, max_lora_rank=lora_slot_rank(cfg.lora.r), max_loras=1,
                               max_cpu_loras=2, cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, seed=cfg.ppo.seed)
         pool = RolloutPool(engine, cfg.rollout.num_workers, cfg.rollout.cpus_per_worker,
                            cfg.rollout.gpus_per_worker, cfg.run_name)
-        reward = ray.remote(RewardWorker).options(num_cpus=0).remote(cfg.reward_model)
+        reward = ray.remote(RewardWorker).options(
+            num_cpus=cfg.reward_actor.num_cpus, num_gpus=cfg.reward_actor.num_gpus,
+        ).remote(cfg.reward_model, "cuda" if cfg.reward_actor.num_gpus else "cpu", cfg.reward_dtype)
         _publish_policy(core, start, pool)
     log = tracker(cfg, folder, "rlhf", resume_step=start if start else None) if ctx.is_main else None
     sampling = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
@@ -125,7 +129,7 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
             row["rollout_workers_replaced"] = pool.replaced
             log.write(row)
             console.progress(_progress(row, cfg.ppo.iterations))
-        verify_sync(row, cfg.ppo.logprob_tolerance)
+        verify_sync(row, cfg.logprob_tolerance)
         _checkpoint(ctx, core, optimizer, kl_control, iteration + 1, row, cfg.ppo.save_every, cfg.ppo.iterations,
                     settings(cfg))
 
@@ -278,7 +282,7 @@ def prepare(cfg: RLHFConfig) -> RLHFConfig:
 def settings(cfg: RLHFConfig) -> dict:
     """What a checkpoint depends on (not where outputs go, how many workers, or tracking)."""
     return cfg.model_dump(mode="json", exclude={"output_dir", "storage_path", "run_name", "scaling", "rollout",
-                                                "tracking"})
+                                                "reward_actor", "tracking"})
 
 
 JOB = Job(name="rlhf", config=RLHFConfig, train=train, example_config="train_jobs/configs/local_rlhf.yaml",

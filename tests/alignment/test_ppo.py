@@ -100,3 +100,58 @@ def test_rollout_engines_get_a_lora_slot_rank_vllm_accepts():
         assert LoRAConfig(max_lora_rank=slot).max_lora_rank == slot  # vLLM's own validation accepts it
     with pytest.raises(PlatformError, match="up to 512"):
         lora_slot_rank(513)
+
+
+def test_the_value_head_follows_the_policy_device_and_stays_float32(tiny_models):
+    """A GPU worker's policy is on ``cuda``: the value head must be created there too (it was left on the
+    CPU). Checked here with the policy on the meta device, which no CPU default can pass for."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_models["tiny-s"])
+    with torch.device("meta"):
+        policy = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = ppo.PolicyWithValue(policy)
+    assert model.value_head.weight.device.type == "meta" and model.value_head.weight.dtype == torch.float32
+
+
+def test_a_bfloat16_ppo_update_runs_on_cpu(tiny_models):
+    """The GPU configs' dtype through the PPO update (forward, log-probability check, backward, step),
+    on the CPU where torch supports bf16: finite figures, the check passes its bf16 tolerance, LoRA moves."""
+    import math
+
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from llm_platform.alignment.config import RLHFConfig
+    from llm_platform.alignment.rlhf_job import _learn
+    from llm_platform.alignment.rollout import Sample
+    from llm_platform.models.loading import load_causal_lm, load_tokenizer
+    from llm_platform.training.distributed import WorkerContext
+
+    cfg = RLHFConfig(policy_model=str(tiny_models["tiny-s"]), reward_model="unused", dtype="bfloat16",
+                     ppo={"minibatch_size": 2, "epochs": 1, "prompts_per_iteration": 2})
+    torch.manual_seed(0)
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
+                      target_modules=["q_proj", "v_proj"])
+    model = ppo.PolicyWithValue(get_peft_model(load_causal_lm(cfg.policy_model, dtype=cfg.dtype), lora))
+    tokenizer = load_tokenizer(cfg.policy_model)
+    samples = []
+    for text in ("Hello there", "How are you today?"):
+        prompt = tokenizer(text).input_ids
+        ids = model.policy.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=True,
+                                    pad_token_id=tokenizer.pad_token_id)
+        response = ids[0, len(prompt):].tolist()
+        with torch.no_grad():
+            logits, _ = model(ids, torch.ones_like(ids))
+        logprobs = ppo.token_logprobs(logits, ids)[0, len(prompt) - 1:len(prompt) - 1 + len(response)].tolist()
+        samples.append(Sample(prompt, response, logprobs, ""))
+    trainable = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    # The frozen base in bf16; PEFT keeps the adapter's own weights in float32 (its default
+    # autocast_adapter_dtype), so small updates are not rounded away.
+    assert {p.dtype for k, p in model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    stats = _learn(cfg, model, model, optimizer, ppo.AdaptiveKL(0.05, 2.0, 100), samples, torch.tensor([1.0, -1.0]),
+                   tokenizer.pad_token_id, WorkerContext())
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    assert stats["logprob_abs_diff"] < cfg.logprob_tolerance
+    moved = [k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(trainable[k], v)]
+    assert any("lora" in k for k in moved) and any("value_head" in k for k in moved)

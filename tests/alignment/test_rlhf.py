@@ -24,7 +24,11 @@ def test_rlhf_configs_validate():
     from llm_platform.alignment.config import RLHFConfig
 
     assert load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml").rollout.engine == "vllm"
-    assert load_config(RLHFConfig, CONFIGS / "gpu_rlhf.yaml").scaling.use_gpu
+    gpu = load_config(RLHFConfig, CONFIGS / "gpu_rlhf.yaml")
+    assert gpu.scaling.use_gpu and gpu.dtype == "bfloat16" and gpu.reward_actor.num_gpus == 1
+    assert gpu.logprob_tolerance == 0.1 and load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml").logprob_tolerance == 1e-2
+    with pytest.raises(ConfigError, match="dtype: float32 on GPUs is refused"):
+        load_config(RLHFConfig, CONFIGS / "gpu_rlhf.yaml", ["dtype=float32"])
     with pytest.raises(ConfigError, match="lora.dropout"):
         load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml", ["lora.dropout=0.1"])
     with pytest.raises(ConfigError, match="did you mean 'iterations'"):
