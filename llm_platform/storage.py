@@ -52,6 +52,12 @@ def open_filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
 
 
+HUB_ENV = ("HF_TOKEN", "HF_HOME", "HF_ENDPOINT", "HF_HUB_OFFLINE")
+"""Where Hugging Face models come from and the token for gated ones (Llama): a worker loading
+``meta-llama/...`` on another node needs the driver's token."""
+
+
 def storage_env() -> dict[str, str]:
-    """The :data:`STORAGE_ENV` variables set in this process, to hand to Ray workers on other nodes."""
-    return {name: os.environ[name] for name in STORAGE_ENV if os.environ.get(name)}
+    """The :data:`STORAGE_ENV` and :data:`HUB_ENV` variables set in this process, to hand to Ray workers
+    on other nodes (``llm_platform.cluster.connect`` puts them in the job's ``runtime_env``)."""
+    return {name: os.environ[name] for name in STORAGE_ENV + HUB_ENV if os.environ.get(name)}

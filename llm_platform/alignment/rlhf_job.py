@@ -270,7 +270,7 @@ def prepare(cfg: RLHFConfig) -> RLHFConfig:
     from llm_platform.training.outputs import absolute
 
     ensure_tiny_model(cfg.policy_model)
-    resolve_model(cfg.policy_model)
+    resolve_model(cfg.policy_model, weights=False)  # there, or fetchable: the workers load the weights
     if not Path(cfg.reward_model).expanduser().is_dir() and "://" not in cfg.reward_model:
         raise PlatformError(missing("reward_model", cfg.reward_model, "train one first with `python -m "
                                     "train_jobs.reward_model --config train_jobs/configs/local_reward.yaml`"))

@@ -25,8 +25,15 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # by canonical name
 
 
-def resolve_model(name: str) -> str:
-    """A local checkpoint folder for ``name``: the path itself, a download of a URI, or a hub snapshot."""
+WEIGHTS = "*.safetensors"
+HUB_FILES = ["*.json", "*.model", "*.txt", "*.jinja"]
+"""What a hub snapshot holds besides the weights: config, tokenizer, chat template."""
+
+
+def resolve_model(name: str, weights: bool = True) -> str:
+    """A local checkpoint folder for ``name``: the path itself, a download of a URI, or a hub snapshot.
+    ``weights=False`` (a tokenizer, a driver-side check) fetches a hub model without its weights: 14 GB
+    for a 7B model, not worth downloading onto the head node to read a tokenizer."""
     if "://" in name and not name.startswith("file://"):
         return str(_download(name))
     path = Path(name.removeprefix("file://")).expanduser()
@@ -41,7 +48,7 @@ def resolve_model(name: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(name, allow_patterns=HUB_FILES + ([WEIGHTS] if weights else []))
     except Exception as exc:  # offline, gated, unknown repo: one message for all
         raise ModelNotFoundError(f"cannot fetch hub model {name!r}: {type(exc).__name__}: {str(exc)[:200]}. "
                                  f"Without network, use a local checkpoint folder.") from None
@@ -91,7 +98,7 @@ def load_model_config(name: str) -> PretrainedConfig:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name, weights=False))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

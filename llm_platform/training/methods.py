@@ -46,7 +46,7 @@ def peft_config(cfg: SFTConfig):
     if settings.init_text:
         return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=settings.num_virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=settings.init_text,
-                                  tokenizer_name_or_path=resolve_model(cfg.model))
+                                  tokenizer_name_or_path=resolve_model(cfg.model, weights=False))
     return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=settings.num_virtual_tokens)
 
 

@@ -73,3 +73,25 @@ def test_model_names_resolve_or_fail_clearly(tiny_models, tmp_path: Path):
         resolve_model(str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model("not a model id!")
+
+
+def test_a_tokenizer_from_the_hub_is_fetched_without_the_weights(tiny_models, monkeypatch):
+    """The hub cannot be reached here, so its download function is replaced by one that records what was
+    asked and serves a tiny model: a tokenizer (what every driver-side check loads) must not ask for the
+    weights, a model must."""
+    import huggingface_hub
+
+    from llm_platform.models.loading import load_tokenizer
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return str(tiny_models["tiny-s"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    load_tokenizer("meta-llama/Llama-2-7b-chat-hf")
+    load_causal_lm("meta-llama/Llama-2-7b-chat-hf")
+    (_, tokenizer_files), (_, model_files) = asked
+    assert "*.safetensors" not in tokenizer_files and "*.json" in tokenizer_files
+    assert "*.safetensors" in model_files
