@@ -142,7 +142,9 @@ def start_relay(name: str, session_dir: str | None = None) -> None:
     """Start the progress relay (after ``ray.init``) and a thread printing what it receives."""
     import ray
 
-    relay = ray.remote(num_cpus=0)(_Relay).options(name=name).remote()
+    # Restarted if its process dies (Ray's memory monitor may pick it): progress lines are not worth
+    # failing a job for, so a lost relay costs only the lines it held.
+    relay = ray.remote(num_cpus=0)(_Relay).options(name=name, max_restarts=-1, max_task_retries=-1).remote()
     ray.get(relay.take.remote())  # started before a worker looks it up
     stop = threading.Event()
     printer = threading.Thread(target=_print_loop, args=(relay, stop), daemon=True, name="llmp-progress")
@@ -192,7 +194,12 @@ def _drain(relay) -> None:
     import ray
 
     with _lock:  # one taker at a time, so lines print in the order they came
-        for line in ray.get(relay.take.remote()):
+        try:
+            lines = ray.get(relay.take.remote(), timeout=60)
+        except Exception as exc:  # the relay is being restarted, or its cluster is going away
+            print(f"(progress lines lost: {type(exc).__name__})", flush=True)
+            return
+        for line in lines:
             print(line, flush=True)
 
 

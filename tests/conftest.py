@@ -91,8 +91,6 @@ def ray_local():
 
 _ENGINES: dict = {}
 """The engines the ``engines`` fixture started, by (size, kind)."""
-ENGINE_PACKAGES = {"alignment", "data", "engine", "evaluation", "models", "serving"}
-"""Test packages that share the engines; the run visits them first (alphabetical order)."""
 
 
 def _shutdown_engines() -> None:
@@ -102,13 +100,14 @@ def _shutdown_engines() -> None:
 
 
 def pytest_runtest_teardown(item, nextitem):
-    """A vLLM engine holds ~2 GB: once the run leaves the packages that share them, stop them, so the
-    training jobs, Ray clusters and the demo that follow have the memory (a later test that asks for
-    an engine starts it again)."""
+    """A vLLM engine holds ~2 GB: when the run moves on to another test package, the engines started so
+    far are stopped, and each package starts the few it uses (a few seconds each). Kept for the whole
+    session, the engine tests' engines sat beside the serving tests' servers and the training jobs
+    until Ray's memory monitor killed workers (24 GiB machine)."""
     if nextitem is None or not _ENGINES:
         return
-    parts = nextitem.path.relative_to(Path(__file__).parent).parts
-    if len(parts) == 1 or parts[0] not in ENGINE_PACKAGES:
+    here = Path(__file__).parent
+    if item.path.relative_to(here).parts[:-1] != nextitem.path.relative_to(here).parts[:-1]:
         _shutdown_engines()
 
 

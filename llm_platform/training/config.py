@@ -172,7 +172,9 @@ class SFTConfig(FrozenConfig):
     """Base checkpoint: a local folder or a hub id."""
     method: Method = "lora"
     dtype: DType = "float32"
-    """Dtype of the trainable weights (float32 on CPU; bfloat16 on GPUs)."""
+    """Compute dtype (float32 on CPU; bfloat16 on GPUs). With FSDP it is mixed precision: weights and
+    optimizer in float32, each layer computed in this dtype, gradients reduced in float32; otherwise
+    the weights are stored in it."""
     output_dir: str = "artifacts/sft"
     """Where metrics.jsonl, summary.json and adapter/ or model/ go: a folder or an s3://, gs:// URI."""
     storage_path: str | None = None

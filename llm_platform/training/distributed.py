@@ -61,16 +61,23 @@ def restored_checkpoint() -> str | None:
     return checkpoint.to_directory()
 
 
-def shard(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
-    """Wrap ``model`` for ``mode``: ``fsdp`` (per decoder layer, then the rest), ``ddp``, or ``none``."""
+def shard(model: torch.nn.Module, mode: str, device: torch.device,
+          compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Wrap ``model`` for ``mode``: ``fsdp`` (per decoder layer, then the rest), ``ddp``, or ``none``.
+
+    Under FSDP a 16-bit ``compute_dtype`` is mixed precision (FSDP2's ``MixedPrecisionPolicy``): the
+    sharded parameters and the optimizer stay float32, each layer is gathered in ``compute_dtype`` for
+    its forward and backward, and gradients are reduced in float32, so small updates are not rounded
+    away as in pure bf16 training."""
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from llm_platform import console
 from llm_platform.data.templates import PromptPair
-from llm_platform.models.loading import load_tokenizer
+from llm_platform.models.loading import DTYPES, load_tokenizer
 from llm_platform.training import checkpoint
 from llm_platform.training.config import SFTConfig, training_settings
 from llm_platform.training.data import load_split, task_labels, tokenize_all
@@ -56,7 +56,7 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path | None) -> dict:
 
     model = build_model(cfg, str(ctx.device))
     total_bytes = held_parameter_bytes(model)
-    model = shard(model, cfg.sharding, ctx.device)
+    model = shard(model, cfg.sharding, ctx.device, DTYPES[cfg.dtype])
     held = all_gather(held_parameter_bytes(model))
     held_line = (f"[rank {ctx.rank}] holds {held[ctx.rank]:,} of {total_bytes:,} parameter bytes "
                  f"({cfg.sharding}, {ctx.world} worker(s))")
@@ -183,7 +183,8 @@ def _evaluate(cfg, model, tokenizer, val_set, test_pairs, labels, ctx) -> dict:
 
 
 def _save_weights(cfg: SFTConfig, model, state: dict, tokenizer, folder: Path) -> None:
-    if cfg.method == "full":
+    if cfg.method == "full":  # in the configured dtype (FSDP's float32 master weights cast down)
+        state = {k: v.to(DTYPES[cfg.dtype]) if v.is_floating_point() else v for k, v in state.items()}
         model.save_pretrained(folder / "model", state_dict=state)
         tokenizer.save_pretrained(folder / "model")
     else:

@@ -26,7 +26,9 @@ def build_model(cfg: SFTConfig, device: str = "cpu"):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model = load_causal_lm(cfg.model, cfg.dtype, device)
+        # Under FSDP the weights stay float32 (the optimizer's master copy) and FSDP casts each layer to
+        # cfg.dtype for compute (distributed.shard's mixed-precision policy); otherwise they are stored in it.
+        model = load_causal_lm(cfg.model, "float32" if cfg.sharding == "fsdp" else cfg.dtype, device)
     if cfg.method == "full":
         return model.train()
     return get_peft_model(model, peft_config(cfg)).train()

@@ -58,7 +58,7 @@ def test_adapter_lifecycle_on_an_s3_store(s3_server, s3, tiny_models, engines, l
              for tag, seed in (("v1", 301), ("v2", 302), ("v3", 303))}
     engine = engines("tiny-s", "transformers")
     expected = {tag: loop.run(engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24),
-                                              AdapterRef(tag, "lora", str(path)))).choices[0].text
+                                              AdapterRef(f"s3-test-{tag}", "lora", str(path)))).choices[0].text
                 for tag, path in loras.items()}
     assert len(set(expected.values())) == 3
 

@@ -88,6 +88,18 @@ def test_fsdp_shards_add_up_and_two_workers_match_one(ray_local, tiny_models, tm
     assert losses_two == pytest.approx(losses_one, rel=2e-3)
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=2e-3)
 
+    # bf16 under FSDP is mixed precision (float32 master weights, bf16 compute, float32 reduction): it
+    # learns as float32 does, within bf16's rounding, and saves bf16 weights.
+    mixed = run_sft("local_full.yaml", tiny_models["tiny-s"], tmp_path / "bf16", *common, "scaling.num_workers=2",
+                    "dtype=bfloat16")
+    losses_mixed = [r["loss"] for r in metric_rows(tmp_path / "bf16")]
+    assert losses_mixed == pytest.approx(losses_two, rel=5e-2) and losses_mixed[-1] < losses_mixed[0] / 2
+    assert mixed["param_bytes_total"] == two["param_bytes_total"]  # held in float32, not halved
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf16" / "model" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "qlora", "prompt_tuning"])
