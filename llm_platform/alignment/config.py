@@ -3,7 +3,7 @@ settings, the policy's LoRA)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -124,68 +124,62 @@ class RLHFConfig(FrozenConfig):
         return self.reward_actor.dtype or self.dtype
 
 
-class RewardJobConfig(FrozenConfig):
-    """A reward-model run (``python -m train_jobs.reward_model --config FILE``)."""
+class PreferenceJobConfig(FrozenConfig):
+    """What the reward-model and DPO runs share: TRL's trainers on preference pairs in Ray Train workers."""
 
     model: str
-    """Checkpoint the classifier starts from (a local folder or a hub id): the SFT model, or a base."""
     dtype: DType = "float32"
     """Dtype of the weights (float32 on CPU; bfloat16 on GPUs)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory for large models, more compute."""
     data: PreferenceData = PreferenceData()
-    lora: LoraSettings | None = None
-    """Train low-rank adapters (and the score head) instead of every weight, for models too large to
-    train whole; they are merged into model/ at the end, so model/ is a plain classifier either way."""
-    output_dir: str = "artifacts/rlhf/reward"
-    """Where metrics.jsonl, summary.json and model/ go: a folder or an s3://, gs:// URI."""
+    output_dir: str
     storage_path: str | None = None
     """Ray Train checkpoints and run state (folder or URI); defaults to OUTPUT_DIR/ray."""
-    run_name: str = "reward"
+    run_name: str
     """Name of the run under storage_path; a rerun with the same name resumes from its last checkpoint."""
-    optim: OptimSettings = OptimSettings(learning_rate=1e-3, warmup_ratio=0.0, max_steps=60)
+    optim: OptimSettings
     scaling: ScalingSettings = ScalingSettings()
     tracking: TrackingSettings = TrackingSettings()
 
+    CHECKPOINT_KEYS: ClassVar[set[str]] = {"model", "dtype", "data", "lora", "optim"}
+
     @model_validator(mode="after")
-    def _check(self) -> "RewardJobConfig":
+    def _check(self):
         check_scaling(self.optim, self.scaling)
         return self
 
     def training_settings(self) -> dict:
         """What a checkpoint depends on (not where outputs go or how many workers)."""
-        return self.model_dump(mode="json", include={"model", "dtype", "data", "lora", "optim"})
+        return self.model_dump(mode="json", include=self.CHECKPOINT_KEYS)
 
 
-class DPOJobConfig(FrozenConfig):
+class RewardJobConfig(PreferenceJobConfig):
+    """A reward-model run (``python -m train_jobs.reward_model --config FILE``)."""
+
+    model: str
+    """Checkpoint the classifier starts from (a local folder or a hub id): the SFT model, or a base."""
+    lora: LoraSettings | None = None
+    """Train low-rank adapters (and the score head) instead of every weight, for models too large to
+    train whole; they are merged into model/ at the end, so model/ is a plain classifier either way."""
+    output_dir: str = "artifacts/rlhf/reward"
+    """Where metrics.jsonl, summary.json and model/ go: a folder or an s3://, gs:// URI."""
+    run_name: str = "reward"
+    optim: OptimSettings = OptimSettings(learning_rate=1e-3, warmup_ratio=0.0, max_steps=60)
+
+
+class DPOJobConfig(PreferenceJobConfig):
     """A DPO run (``python -m train_jobs.dpo --config FILE``)."""
 
     model: str
     """The policy's base (usually the SFT model); with the adapter off it is also the reference."""
-    dtype: DType = "float32"
-    """Dtype of the weights (float32 on CPU; bfloat16 on GPUs)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory for large models, more compute."""
-    data: PreferenceData = PreferenceData()
     beta: float = Field(0.1, gt=0)
     """Strength of the implicit KL constraint towards the reference (higher: stay closer)."""
     lora: LoraSettings = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj",
                                                                                    "down_proj"])
     output_dir: str = "artifacts/rlhf/dpo"
     """Where metrics.jsonl, summary.json and adapter/ go: a folder or an s3://, gs:// URI."""
-    storage_path: str | None = None
-    """Ray Train checkpoints and run state (folder or URI); defaults to OUTPUT_DIR/ray."""
     run_name: str = "dpo"
-    """Name of the run under storage_path; a rerun with the same name resumes from its last checkpoint."""
     optim: OptimSettings = OptimSettings(learning_rate=1e-3, warmup_ratio=0.0, max_steps=40)
-    scaling: ScalingSettings = ScalingSettings()
-    tracking: TrackingSettings = TrackingSettings()
 
-    @model_validator(mode="after")
-    def _check(self) -> "DPOJobConfig":
-        check_scaling(self.optim, self.scaling)
-        return self
-
-    def training_settings(self) -> dict:
-        """What a checkpoint depends on (not where outputs go or how many workers)."""
-        return self.model_dump(mode="json", include={"model", "dtype", "data", "beta", "lora", "optim"})
+    CHECKPOINT_KEYS: ClassVar[set[str]] = {"model", "dtype", "data", "beta", "lora", "optim"}
