@@ -24,6 +24,7 @@ from llm_platform.serving.process import ServerProcess
 from tests.conftest import make_lora
 
 pytestmark = pytest.mark.slow
+SERVER_MARK = "LLMP_TEST_SERVER"
 PROMPT = "Review: The lamp is lovely. Is this review positive or negative?\nAnswer:"
 MAX_ONGOING, MAX_QUEUED = 4, 8
 QUEUE_WAIT_S = 3.0
@@ -61,8 +62,11 @@ def fault_server(tiny_models, tmp_path_factory):
                                "max_num_seqs": MAX_ONGOING}}],
     }
     # No keys at all (empty values count as unset), and metrics exported every second.
+    # LLMP_TEST_SERVER marks every process of this server (Ray workers and vLLM's engine core inherit the
+    # environment), so the engine core is found even where it is not a descendant of the server process.
     running = ServerProcess(config, root, env={"LLMP_ADMIN_KEY": "", "LLMP_API_KEY": "",
-                                               "RAY_metrics_report_interval_ms": "1000"})
+                                               "RAY_metrics_report_interval_ms": "1000",
+                                               SERVER_MARK: str(root)})
     running.root = root
     running.start()
     yield running
@@ -298,21 +302,43 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(fault_server, tmp_p
 
 
 def engine_cores(server: ServerProcess) -> list[psutil.Process]:
+    """The vLLM engine-core processes of ``server``: every process on this machine whose environment
+    carries the server's mark, looked up machine-wide (not as descendants of the server process)."""
     cores = []
-    for process in psutil.Process(server.process.pid).children(recursive=True):
+    for process in psutil.process_iter():
         try:  # Ray starts and ends short-lived processes all the time: one may be gone by now
-            if "EngineCore" in " ".join([process.name()] + process.cmdline()):
+            if ("EngineCore" in " ".join([process.name()] + process.cmdline())
+                    and process.environ().get(SERVER_MARK) == str(server.root)):
                 cores.append(process)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
     return cores
 
 
-@pytest.mark.xfail(strict=False, reason="passed 4 of 4 runs of this file alone; in two full-suite runs it found no "
-                   "vLLM engine-core process under the server's process tree (0, so nothing was killed): where the "
-                   "engine core runs in the full suite is not understood yet")
+def one_engine_core(server: ServerProcess, timeout: float = 180) -> psutil.Process:
+    """The server's single engine core once it answers a request, or a failure that shows the process
+    tree (a replica may still be starting when an earlier test left it replaced)."""
+    deadline = time.monotonic() + timeout
+    cores: list[psutil.Process] = []
+    while time.monotonic() < deadline:
+        cores = engine_cores(server)
+        if len(cores) == 1 and complete(server).status_code == 200:
+            return cores[0]
+        time.sleep(2)
+    everywhere = []
+    for process in psutil.process_iter():
+        try:
+            if "EngineCore" in " ".join([process.name()] + process.cmdline()):
+                chain = [p.pid for p in process.parents()]
+                everywhere.append((process.pid, chain, process.environ().get(SERVER_MARK)))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"{len(cores)} engine cores of this server after {timeout:.0f} s; every engine core "
+                         f"on the machine (pid, parents, mark): {everywhere}; server pid {server.process.pid}")
+
+
 def test_killed_engine_gives_503s_then_service_resumes_without_a_restart(fault_server):
-    (core,) = engine_cores(fault_server)
+    core = one_engine_core(fault_server)
     server_pid = fault_server.process.pid
     core.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
@@ -343,5 +369,4 @@ def test_killed_engine_gives_503s_then_service_resumes_without_a_restart(fault_s
     assert fault_server.process.pid == server_pid and fault_server.process.poll() is None
     health = httpx.get(f"{fault_server.url}/healthz")
     assert health.status_code == 200
-    (new_core,) = engine_cores(fault_server)
-    assert new_core.pid != core.pid
+    assert one_engine_core(fault_server).pid != core.pid
