@@ -16,6 +16,7 @@ stays in the cluster's log files and only the platform's progress lines come thr
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -53,6 +54,10 @@ def connect(num_cpus: int | None = None, log_to_driver: bool | None = None, logg
     # cluster.yaml default) there are no keys to forward; keys set here are visible in the job's runtime
     # environment on the dashboard, like any env var passed to Ray.
     env = {**console.library_env(), **relay, **storage_env(), **(env_vars or {})}
+    # Under `ray job submit --runtime-env-json '{"env_vars": ...}'` those variables already reach every
+    # worker of the job, and Ray refuses to merge a ray.init runtime_env that names any of them again.
+    job_env = _job_env_vars()
+    env = {key: value for key, value in env.items() if key not in job_env}
     if os.environ.get("RAY_ADDRESS"):
         context = ray.init(log_to_driver=log_to_driver, logging_level=logging_level,
                            runtime_env={"env_vars": env})
@@ -64,6 +69,15 @@ def connect(num_cpus: int | None = None, log_to_driver: bool | None = None, logg
                            runtime_env={"env_vars": {**env, API_SERVER_ENV: api}})
     if relay:
         console.start_relay(relay[console.RELAY_ENV], context.address_info.get("session_dir"))
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The ``env_vars`` of the job's runtime environment when this driver runs under ``ray job submit``
+    (Ray's job supervisor hands the job's config to the driver in an environment variable)."""
+    from ray._private.ray_constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return ((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
 
 
 def shutdown() -> None:

@@ -17,6 +17,7 @@ Drivers run as subprocesses (:meth:`TwoNodeCluster.python`), with :attr:`TwoNode
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -141,6 +142,23 @@ class TwoNodeCluster:
         """Run ``code`` as a driver of this cluster (a subprocess; ``ray.init()`` joins via ``RAY_ADDRESS``)."""
         return subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
                               timeout=timeout, **kwargs)
+
+    def worker_files(self, folder: Path | str) -> list[str]:
+        """The files under ``folder`` as the worker node sees them (relative paths; [] if it has none
+        there): a task pinned to the worker node walks its private disk, which this process cannot see."""
+        code = f"""
+import json, os, ray
+ray.init(logging_level="ERROR")
+
+@ray.remote(num_cpus=0, resources={{"{WORKER_RESOURCE}": 0.01}})
+def walk(root):
+    return [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files]
+
+print("FILES", json.dumps(ray.get(walk.remote({str(folder)!r}))))
+"""
+        result = self.python(code, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(next(x for x in result.stdout.splitlines() if x.startswith("FILES "))[6:])
 
     def stop(self) -> None:
         """Worker first, then head; each by its process group (SIGTERM, then SIGKILL after 10 s)."""

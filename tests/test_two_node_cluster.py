@@ -4,15 +4,10 @@ writes to its disk (temp folder, the tests' output root) is invisible on the hea
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-# Opt-in for now: on this 2-core machine, loaded by parallel sessions, `ray start` of the worker node
-# often exceeds Ray's fixed 30 s raylet registration (three tries in tests/ray_cluster.py).
-# This test passed here once (86 s); the cluster-serving test has not run yet. LLMP_CLUSTER_TESTS=1 runs them.
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("LLMP_CLUSTER_TESTS") != "1",
-                                                   reason="two-node cluster tests are opt-in (LLMP_CLUSTER_TESTS=1)")]
+pytestmark = pytest.mark.slow
 
 PROBE = """
 import json, os, tempfile, ray

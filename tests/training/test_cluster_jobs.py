@@ -1,42 +1,107 @@
-"""Training jobs on the two-node cluster (tests/ray_cluster.py): the driver runs where the test does
-(the head's view of the disks), the Ray Train worker on the worker node, whose temp folder and output
-root are private to it. Its nodes have no S3 variables: the driver's reach the worker through the
-job's runtime_env."""
+"""Training jobs on the two-node cluster (tests/ray_cluster.py): the Ray Train worker runs on the worker
+node, whose temp folder and output root are private to it; the cluster's nodes have no S3 variables.
+
+- ``ray job submit``, as users run it: the driver runs on the head, the S3 endpoint and keys come in the
+  job's runtime environment, ``output_dir`` (and so Ray Train's storage) is on S3. The worker is
+  SIGKILLed mid-run: Ray Train restarts the group, which resumes from the last checkpoint, downloaded
+  from S3, and finishes; every output ends in S3, and the worker's staging folder is removed.
+- A local ``output_dir`` that the worker node cannot see fails at once, saying what to use instead."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.training.conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("LLMP_CLUSTER_TESTS") != "1",
-                                                   reason="two-node cluster tests are opt-in (LLMP_CLUSTER_TESTS=1)")]
-SFT = [sys.executable, "-m", "train_jobs.sft", "--config", "train_jobs/configs/local_lora.yaml", "optim.max_steps=20",
-       "optim.save_every=10", "optim.log_every=5", "data.eval_limit=32", "scaling.cpus_per_worker=1"]
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SFT = ["train_jobs.sft", "--config", "train_jobs/configs/local_lora.yaml", "optim.save_every=10", "optim.log_every=5",
+       "data.eval_limit=32", "scaling.cpus_per_worker=1"]
 
 
-def test_sft_on_the_worker_node_publishes_everything_to_s3(ray_cluster, s3, tiny_models):
+def ray_cli(cluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "ray", *args], env=cluster.env, capture_output=True, text=True, timeout=timeout)
+
+
+def job_status(cluster, job_id: str) -> str:
+    out = ray_cli(cluster, "job", "status", "--address", cluster.dashboard, job_id)
+    text = (out.stdout + out.stderr).upper()  # the CLI logs the status to stderr
+    return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if s in text), "UNKNOWN")
+
+
+def job_logs(cluster, job_id: str) -> str:
+    return ray_cli(cluster, "job", "logs", "--address", cluster.dashboard, job_id).stdout
+
+
+def train_workers(cluster) -> list[dict]:
+    code = ("from ray.util.state import list_actors; import json; print('ACTORS', json.dumps([{'pid': a.pid, "
+            "'node': a.node_id} for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker'), "
+            "('state', '=', 'ALIVE')])]))")
+    out = cluster.python(code, timeout=60)
+    return json.loads(next(x for x in out.stdout.splitlines() if x.startswith("ACTORS "))[7:])
+
+
+def test_submitted_job_on_the_worker_node_survives_a_kill_and_publishes_everything_to_s3(ray_cluster, s3,
+                                                                                           tiny_models):
     out = s3.uri("cluster-sft")
-    run = subprocess.run([*SFT, f"model={tiny_models['tiny-s']}", f"output_dir={out}"], cwd=REPO,
-                         env={**ray_cluster.env, **s3.env}, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    staging = ray_cluster.worker_private / "llmp-staging"  # the worker node's tempfile.gettempdir()
+    # The nodes have no S3 variables: the job's runtime environment brings them, as a user's would.
+    runtime_env = json.dumps({"env_vars": s3.env})
+    submit = ["job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO), "--no-wait",
+              "--runtime-env-json", runtime_env, "--", "python", "-m", *SFT, f"model={tiny_models['tiny-s']}",
+              f"output_dir={out}", "optim.max_steps=60"]
+    result = subprocess.run([BIN / "ray", *submit], cwd=REPO, env=ray_cluster.env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", result.stdout + result.stderr).group(0)
+
+    deadline = time.time() + 400
+    while time.time() < deadline:  # kill once two checkpoints (steps 10, 20) are in S3, before the end
+        if len({p.split("/")[0] for p in s3.listing(f"{out}/ray/sft-lora") if p.startswith("checkpoint_")}) >= 2:
+            break
+        assert job_status(ray_cluster, job_id) in ("PENDING", "RUNNING"), job_logs(ray_cluster, job_id)[-3000:]
+        time.sleep(0.5)
+    # Mid-run the outputs are staged on the worker node only (metrics.jsonl so far), never on the head.
+    staged = ray_cluster.worker_files(staging)
+    assert any(f.endswith("metrics.jsonl") for f in staged), staged
+    assert not staging.exists()
+    workers = train_workers(ray_cluster)
+    assert len(workers) == 1
+    os.kill(workers[0]["pid"], signal.SIGKILL)  # the nodes share this machine's process table
+
+    while job_status(ray_cluster, job_id) in ("PENDING", "RUNNING") and time.time() < deadline + 400:
+        time.sleep(2)
+    logs = job_logs(ray_cluster, job_id)
+    assert job_status(ray_cluster, job_id) == "SUCCEEDED", logs[-3000:]
+    assert "resumed from the checkpoint" in logs
     summary = json.loads(s3.read(f"{out}/summary.json"))
-    assert summary["output"] == f"{out}/adapter" and summary["steps"] == 20
+    rows = [json.loads(line) for line in s3.read(f"{out}/metrics.jsonl").decode().splitlines()]
+    resumed = [r for r in rows if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 10 and summary["resumed_from_step"] == resumed[0]["step"]
+    assert [r["step"] for r in rows if "loss" in r][-1] == 60
+    assert [r["step"] for r in rows if "loss" in r][0] == 5  # rows from before the kill survived the restart
+    assert summary["output"] == f"{out}/adapter"
     listed = s3.listing(out)
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors"} <= set(listed)
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors"} <= set(listed)
     assert any(p.startswith("ray/sft-lora/checkpoint_") for p in listed)  # Ray Train's storage: OUTPUT_DIR/ray
-    # The worker staged its outputs in its private temp folder and removed them once uploaded.
-    assert not list(ray_cluster.worker_private.glob("llmp-staging/*"))
+    assert not [p for p in listed if p.startswith(".llmp-run-")]  # the driver's marker is gone
+    assert ray_cluster.worker_files(staging) == []  # the worker's staging folder was uploaded, then removed
 
 
 def test_a_local_output_dir_the_worker_node_cannot_see_fails_at_once_with_what_to_use(ray_cluster, tiny_models):
     out = ray_cluster.outputs / "sft-local"  # private to the worker node: the head's copy stays empty
-    run = subprocess.run([*SFT, f"model={tiny_models['tiny-s']}", f"output_dir={out}", "scaling.max_failures=0"],
+    run = subprocess.run([sys.executable, "-m", *SFT, f"model={tiny_models['tiny-s']}", f"output_dir={out}",
+                          "optim.max_steps=20", "scaling.max_failures=0"],
                          cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-3000:]
     assert "does not see" in run.stderr and "s3:// or gs:// URI" in run.stderr
