@@ -74,7 +74,7 @@ def connect(num_cpus: int | None = None, log_to_driver: bool | None = None, logg
 def _job_env_vars() -> dict[str, str]:
     """The ``env_vars`` of the job's runtime environment when this driver runs under ``ray job submit``
     (Ray's job supervisor hands the job's config to the driver in an environment variable)."""
-    from ray._private.ray_constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
     raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
     return ((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
