@@ -1,6 +1,8 @@
 """The LoRA rank × learning-rate search on Ray Tune (Optuna + ASHA) with SFT trials on Ray Train,
-run as users run it: ``python -m tune_spaces.lora_rank_lr`` in its own process and local Ray cluster, with
-its output_dir (trials, Tune's experiment state, the best adapter) on a real S3 server."""
+run as users run it on a cluster: ``python -m tune_spaces.lora_rank_lr`` as a driver of the two-node
+cluster (tests/ray_cluster.py: the trials run on the worker node, whose disk the driver cannot see),
+with its output_dir (trials, Tune's experiment state, the best adapter) on a real S3 server that only
+the driver has the keys of."""
 
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ CONFIG = REPO / "tune_spaces" / "configs" / "local.yaml"
 
 
 @pytest.mark.slow
-def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(tiny_models, s3, tmp_path):
-    """The search is killed (with its Ray cluster) after two trials ended, then started again: it resumes,
-    the two ended trials are not run again, and the results cover all six."""
+def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(ray_cluster, tiny_models, s3, tmp_path):
+    """The search's driver is killed after two trials ended (Ray then ends its trials), then started again:
+    it resumes, the two ended trials are not run again, and the results cover all six."""
     from peft import PeftConfig
 
     out = s3.uri("tune")
@@ -32,8 +34,9 @@ def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(tiny_models,
                f"sft_overrides=[model={tiny_models['tiny-s']}, data.eval_limit=32]", "num_samples=6",
                "max_steps=24", "eval_every=4", "grace_period=4", "reduction_factor=2", "lr_min=1e-5", "lr_max=2e-2",
                f"output_dir={out}"]
+    env = {**ray_cluster.env, **s3.env}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                             start_new_session=True)
+                             env=env, start_new_session=True)
     ended = []
     for line in first.stdout:
         ended += PROGRESS.findall(line)
@@ -44,7 +47,7 @@ def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(tiny_models,
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(60)
 
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "resuming the search" in run.stdout
     resumed = PROGRESS.findall(run.stdout)  # a progress line per trial that ended in this run
