@@ -75,7 +75,7 @@ def _layer_calls_and_grads(cfg: SFTConfig, batch: dict) -> tuple[int, dict[str, 
     return len(calls), {k: v.grad for k, v in model.named_parameters() if v.requires_grad}
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "prompt_tuning"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt_tuning"])
 def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradients(method, tiny_models):
     cfg = _config(tiny_models["tiny-s"], method)
     tokenizer = load_tokenizer(cfg.model)
