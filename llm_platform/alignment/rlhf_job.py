@@ -302,6 +302,8 @@ def prepare(cfg: RLHFConfig) -> RLHFConfig:
     if not Path(cfg.reward_model).expanduser().is_dir() and "://" not in cfg.reward_model:
         raise PlatformError(missing("reward_model", cfg.reward_model, "train one first with `python -m "
                                     "train_jobs.reward_model --config train_jobs/configs/local_reward.yaml`"))
+    if "://" not in cfg.reward_model:  # a local folder: its config is read here (a URI only by the actor)
+        load_model_config(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
     return cfg.model_copy(update={"policy_model": absolute(cfg.policy_model),
                                   "reward_model": absolute(cfg.reward_model),
                                   "output_dir": absolute(cfg.output_dir, create=True)})

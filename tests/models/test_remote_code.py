@@ -90,11 +90,11 @@ def test_sft_checks_inputs_and_builds_with_the_setting(custom_model):
     assert type(build_model(trusted).get_base_model()).__name__ == "CustomForCausalLM"
 
 
-def test_reward_ppo_and_the_engine_build_with_the_setting(custom_model, loop):
+def test_reward_ppo_and_the_engine_build_with_the_setting(custom_model, loop, tmp_path):
     from llm_platform.alignment.config import RewardJobConfig, RLHFConfig
     from llm_platform.alignment.reward import RewardScorer
     from llm_platform.alignment.reward_job import build_reward_model
-    from llm_platform.alignment.rlhf_job import build_policy
+    from llm_platform.alignment.rlhf_job import build_policy, prepare
     from llm_platform.engine import EngineConfig, SamplingParams
     from llm_platform.engine.hf_engine import TransformersEngine
 
@@ -108,9 +108,12 @@ def test_reward_ppo_and_the_engine_build_with_the_setting(custom_model, loop):
     assert type(RewardScorer(str(custom_model), trust_remote_code=True).model).__name__ == \
         "CustomForSequenceClassification"
 
-    policy = RLHFConfig(policy_model=str(custom_model), reward_model="unused")
+    policy = RLHFConfig(policy_model=str(custom_model), reward_model=str(custom_model), output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=REFUSED):
+        prepare(policy)  # on the driver, before any worker or actor starts
     with pytest.raises(ConfigError, match=REFUSED):
         build_policy(policy)
+    prepare(policy.model_copy(update={"trust_remote_code": True}))
     model, _ = build_policy(policy.model_copy(update={"trust_remote_code": True}))
     assert type(model.policy.get_base_model()).__name__ == "CustomForCausalLM"
 
