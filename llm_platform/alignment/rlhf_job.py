@@ -78,6 +78,7 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
     pool = reward = None
     if ctx.is_main:
         engine = EngineConfig(model=cfg.policy_model, kind=cfg.rollout.engine, dtype=cfg.dtype,
+                              device=rollout_device(cfg),
                               max_model_len=cfg.rollout.max_model_len, trust_remote_code=cfg.trust_remote_code,
                               enable_soft_prompts=False, max_lora_rank=lora_slot_rank(cfg.lora.r), max_loras=1,
                               max_cpu_loras=2, cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, seed=cfg.ppo.seed)
@@ -205,6 +206,13 @@ def policy_placement(cfg: RLHFConfig):
     from llm_platform.training.devices import placement
 
     return placement(cfg.scaling.use_gpu, cfg.dtype, trains="adapter")
+
+
+def rollout_device(cfg: RLHFConfig) -> str:
+    """The transformers rollout engine's device: ``cuda`` in an actor with a GPU (vLLM picks its own)."""
+    from llm_platform.training.devices import placement
+
+    return placement(cfg.rollout.gpus_per_worker > 0, cfg.dtype).device_type
 
 
 def build_policy(cfg: RLHFConfig, device: str = "cpu"):

@@ -79,7 +79,7 @@ def test_the_audit_names_what_is_left_elsewhere(tiny_models):
 
 def test_gpu_configs_place_models_on_cuda_in_bf16():
     from llm_platform.alignment.config import DPOJobConfig, RewardJobConfig, RLHFConfig
-    from llm_platform.alignment.rlhf_job import policy_placement
+    from llm_platform.alignment.rlhf_job import policy_placement, rollout_device
     from llm_platform.training.config import SFTConfig
 
     full = sft_placement(load_config(SFTConfig, CONFIGS / "gpu_full_fsdp.yaml"))
@@ -96,6 +96,9 @@ def test_gpu_configs_place_models_on_cuda_in_bf16():
     assert (policy.device_type, policy.dtype, policy.trained_dtype) == ("cuda", torch.bfloat16, torch.float32)
     scorer = placement(rlhf.reward_actor.num_gpus > 0, rlhf.reward_dtype)
     assert (scorer.device_type, scorer.dtype) == ("cuda", torch.bfloat16)
+    assert rollout_device(rlhf.model_copy(update={"rollout": rlhf.rollout.model_copy(
+        update={"engine": "transformers"})})) == "cuda"  # a transformers rollout engine in a GPU actor
+    assert rollout_device(load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml")) == "cpu"
     # The local configs stay on the CPU in float32.
     local = sft_placement(load_config(SFTConfig, CONFIGS / "local_full.yaml"))
     assert (local.device_type, local.dtype) == ("cpu", torch.float32)
