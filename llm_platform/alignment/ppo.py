@@ -28,9 +28,19 @@ class PolicyWithValue(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
-        return out.logits.float(), values
+        # The value head reads the last hidden state: the output layer's input, taken by a hook, since
+        # output_hidden_states=True would also return (and keep) every other layer's hidden states.
+        head = self.policy.get_output_embeddings()
+        if head is None:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            return out.logits.float(), self.value_head(out.hidden_states[-1].float()).squeeze(-1)
+        last = []
+        hook = head.register_forward_hook(lambda module, args, output: last.append(args[0]))
+        try:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            hook.remove()
+        return out.logits.float(), self.value_head(last[-1].float()).squeeze(-1)
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -198,3 +198,24 @@ def test_micro_batches_make_the_same_ppo_update_one_part_at_a_time(tiny_models):
         assert torch.allclose(micro_weights[name], value, atol=1e-6, rtol=1e-4), name
     # The value head starts at zero: how far it moved shows the update was not a no-op.
     assert float(whole_weights["value_head.weight"].abs().max()) > 1e-3
+
+
+def test_the_value_head_reads_the_last_hidden_state_without_keeping_the_others(tiny_models):
+    from peft import LoraConfig, get_peft_model
+
+    from llm_platform.models.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    model = ppo.PolicyWithValue(get_peft_model(load_causal_lm(str(tiny_models["tiny-s"])),
+                                               LoraConfig(r=8, target_modules=["q_proj"], init_lora_weights=False)))
+    torch.nn.init.normal_(model.value_head.weight)
+    ids = torch.tensor([[1, 5, 9, 11, 3], [1, 7, 8, 3, 3]])
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    seen = []
+    model.policy.register_forward_hook(lambda module, args, kwargs, out: seen.append(out.hidden_states),
+                                       with_kwargs=True)
+    logits, values = model(ids, attention)
+    assert seen == [None]  # the policy was not asked for every layer's hidden states
+    full = model.policy(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+    assert torch.allclose(values, model.value_head(full.hidden_states[-1]).squeeze(-1), atol=1e-6)
+    assert torch.allclose(logits, full.logits, atol=1e-6)
