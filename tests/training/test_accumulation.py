@@ -4,8 +4,6 @@ gradients. (Under FSDP with two workers: tests/training/test_sft.py's FSDP test.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
@@ -96,7 +94,6 @@ def test_accumulation_must_divide_each_workers_share():
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps \(3\) must divide .* = 8"):
         load_config(SFTConfig, CONFIGS / "local_lora.yaml", ["optim.batch_size=16", "scaling.num_workers=2",
                                                              "optim.gradient_accumulation_steps=3"])
-    assert math.isclose(cfg.optim.batch_size / 2 / 4, 2)
 
 
 def test_trl_trainers_get_accumulation_and_checkpointing_as_their_own_arguments(tmp_path):
