@@ -45,16 +45,65 @@ def test_head_does_no_work_and_workers_declare_gpus_credentials_and_types():
     assert "torch==2.13.0" in setup and setup.index("torch==2.13.0") < setup.index('".[gpu]"')
 
 
-def test_every_gpu_job_fits_a_worker_type():
-    root = CLUSTER_YAML.parent
+def _fits_one_node(workers: dict, gpus: float, cpus: float) -> bool:
+    """An actor or worker (or a tensor-parallel replica) lives on one node: some worker type must hold it."""
+    return any(gpus <= n["resources"]["GPU"] and cpus <= n["resources"]["CPU"] for n in workers.values())
+
+
+def test_every_gpu_job_config_loads_and_fits_the_node_types():
+    """Each gpu_*.yaml through its job's own config class (every setting validated, as the job would), then
+    its Ray resources against cluster.yaml: each worker and actor fits a node type, all of them fit the
+    cluster at full scale, and the memory settings a 7B job needs are on."""
+    from llm_platform.alignment.config import DPOJobConfig, RewardJobConfig, RLHFConfig
+    from llm_platform.config import load_config
+    from llm_platform.training.config import SFTConfig
+
+    jobs = {"gpu_full_fsdp.yaml": SFTConfig, "gpu_qlora.yaml": SFTConfig, "gpu_reward.yaml": RewardJobConfig,
+            "gpu_dpo.yaml": DPOJobConfig, "gpu_rlhf.yaml": RLHFConfig}
+    configs = CLUSTER_YAML.parent / "train_jobs" / "configs"
+    assert {p.name for p in configs.glob("gpu_*.yaml")} == set(jobs)  # a new GPU config is checked here too
     _, workers = _node_types()
-    per_gpu_cpus = [n["resources"]["CPU"] / n["resources"]["GPU"] for n in workers.values()]
-    for path in sorted((root / "train_jobs" / "configs").glob("gpu_*.yaml")):
-        scaling = yaml.safe_load(path.read_text())["scaling"]
-        assert scaling["use_gpu"], path.name
-        # One GPU per worker: its CPUs must fit beside that GPU on some worker type.
-        assert any(scaling.get("cpus_per_worker", 1) <= c for c in per_gpu_cpus), path.name
-    serve = yaml.safe_load((root / "serve_apps" / "configs" / "gpu_cluster.yaml").read_text())
-    most_gpus = max(n["resources"]["GPU"] for n in workers.values())
-    for model in serve["models"]:
-        assert 1 <= model.get("num_gpus", 0) <= most_gpus, model["id"]
+    cluster_gpus = sum(n["resources"]["GPU"] * n["max_workers"] for n in workers.values())
+    cluster_cpus = sum(n["resources"]["CPU"] * n["max_workers"] for n in workers.values())
+    for name, cls in jobs.items():
+        cfg = load_config(cls, configs / name)
+        scaling = cfg.scaling
+        assert scaling.use_gpu and cfg.dtype == "bfloat16", name
+        assert _fits_one_node(workers, 1, scaling.cpus_per_worker), name  # one GPU per Ray Train worker
+        gpus, cpus = scaling.num_workers, scaling.num_workers * scaling.cpus_per_worker
+        if cls is RLHFConfig:
+            rollout, reward = cfg.rollout, cfg.reward_actor
+            assert _fits_one_node(workers, rollout.gpus_per_worker, rollout.cpus_per_worker), name
+            assert reward.num_gpus >= 1 and _fits_one_node(workers, reward.num_gpus, reward.num_cpus), name
+            gpus += rollout.num_workers * rollout.gpus_per_worker + reward.num_gpus
+            cpus += rollout.num_workers * rollout.cpus_per_worker + reward.num_cpus
+            # Forward/backward in parts smaller than each worker's share of a minibatch.
+            assert 1 <= cfg.ppo.micro_batch_size < cfg.ppo.minibatch_size // scaling.num_workers, name
+        else:
+            optim = cfg.optim
+            assert cfg.gradient_checkpointing, name
+            # Accumulation keeps batch_size the effective batch: whole micro-batches on every GPU.
+            assert optim.gradient_accumulation_steps > 1, name
+            assert optim.batch_size % (scaling.num_workers * optim.gradient_accumulation_steps) == 0, name
+        assert gpus <= cluster_gpus and cpus <= cluster_cpus, (name, gpus, cpus)
+        if getattr(cfg, "sharding", None) == "fsdp":  # FSDP over GPUs: NCCL needs every worker on a GPU
+            assert scaling.num_workers <= cluster_gpus, name
+
+
+def test_the_gpu_serve_config_loads_and_each_replica_fits_a_node_type():
+    from llm_platform.config import load_config
+    from llm_platform.serving.config import ServeConfig
+
+    _, workers = _node_types()
+    serve = load_config(ServeConfig, CLUSTER_YAML.parent / "serve_apps" / "configs" / "gpu_cluster.yaml")
+    cluster_gpus = sum(n["resources"]["GPU"] * n["max_workers"] for n in workers.values())
+    needed = 0
+    for model in serve.models:
+        engine = model.engine
+        assert engine.kind == "vllm" and engine.dtype == "bfloat16" and not engine.trust_remote_code, model.id
+        # A tensor-parallel replica spans GPUs of one node.
+        assert model.num_gpus >= engine.tensor_parallel_size >= 1, model.id
+        assert _fits_one_node(workers, model.num_gpus, model.num_cpus), model.id
+        replicas = model.autoscaling.min_replicas if model.autoscaling else model.num_replicas
+        needed += replicas * model.num_gpus
+    assert needed <= cluster_gpus

@@ -69,6 +69,11 @@ class PPOSettings(FrozenConfig):
     """KL (nats per response) the adaptive coefficient steers towards."""
     kl_horizon: int = Field(1000, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Sequences per forward (and backward) pass on each worker: the scoring pass over the rollouts and
+    each minibatch's update go through in parts of this many, gradients accumulated, so only one part's
+    logits and activations are held at a time. The update is the same as in one pass; unset: whole
+    minibatches (and the whole rollout batch when scoring) at once."""
     logprob_tolerance: float | None = Field(None, gt=0)
     """Stop when the engine's and the trainer's log-probabilities of the sampled tokens differ more
     than this on average: the rollout engine is not running the weights being trained. Default by
@@ -95,6 +100,9 @@ class RLHFConfig(FrozenConfig):
     dtype: DType = "float32"
     """Weights of the policy and reference in the trainer and in the rollout engines (float32 on CPU;
     bfloat16 on GPUs: vLLM's CUDA LoRA kernels take only 16-bit); the value head stays float32."""
+    trust_remote_code: bool = False
+    """Run the Python code the policy or reward model ships (``auto_map`` in its config), in the trainer,
+    the rollout engines and the reward actor. Off by default: only for models you trust."""
     lora: LoraSettings = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
     rollout: RolloutSettings = RolloutSettings()
     reward_actor: RewardActorSettings = RewardActorSettings()
@@ -131,7 +139,11 @@ class PreferenceJobConfig(FrozenConfig):
     dtype: DType = "float32"
     """Dtype of the weights (float32 on CPU; bfloat16 on GPUs)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory for large models, more compute."""
+    """Recompute activations in the backward pass: less memory for large models, more compute (the
+    Trainer's own ``gradient_checkpointing``, non-reentrant)."""
+    trust_remote_code: bool = False
+    """Run the Python code a model ships (``auto_map`` in its config) to build it and its tokenizer.
+    Off by default: only for models you trust."""
     data: PreferenceData = PreferenceData()
     output_dir: str
     storage_path: str | None = None

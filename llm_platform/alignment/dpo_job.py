@@ -41,13 +41,15 @@ def train(cfg: DPOJobConfig, folder: Path | None) -> None:
                                                             train_in_worker)
     from llm_platform.alignment.preferences import as_conversations, load_pairs, preference_margins
     from llm_platform.models.loading import load_causal_lm, load_tokenizer
+    from llm_platform.training.devices import placement
     from llm_platform.training.outputs import write_summary
 
     context = ray.train.get_context()
-    rank, world, device = context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = placement(cfg.scaling.use_gpu, cfg.dtype).check(ray.train.torch.get_device())
     set_seed(cfg.optim.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, cfg.dtype, str(device))
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, cfg.dtype, str(device), trust_remote_code=cfg.trust_remote_code)
     train, held_out = load_pairs(cfg.data, "train"), load_pairs(cfg.data, cfg.data.eval_split)
     before = preference_margins(model, tokenizer, held_out, cfg.data.max_length) if rank == 0 else None
 

@@ -28,9 +28,19 @@ class PolicyWithValue(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
-        return out.logits.float(), values
+        # The value head reads the last hidden state: the output layer's input, taken by a hook, since
+        # output_hidden_states=True would also return (and keep) every other layer's hidden states.
+        head = self.policy.get_output_embeddings()
+        if head is None:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            return out.logits.float(), self.value_head(out.hidden_states[-1].float()).squeeze(-1)
+        last = []
+        hook = head.register_forward_hook(lambda module, args, output: last.append(args[0]))
+        try:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            hook.remove()
+        return out.logits.float(), self.value_head(last[-1].float()).squeeze(-1)
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -58,6 +68,43 @@ class Batch:
             attention[row, :len(seq)] = 1
             mask[row, len(s.prompt_ids):len(seq)] = 1
         return Batch(ids.to(device), attention.to(device), mask[:, 1:].to(device))
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+    def rows(self, rows) -> "Batch":
+        """The sequences ``rows`` (a slice or index tensor), cut to their own longest length: right
+        padding beyond it changes nothing in a causal model, so a micro-batch of short sequences costs
+        only their length. Per-token figures of the whole batch line up with it as ``x[rows, :width - 1]``."""
+        attention = self.attention_mask[rows]
+        width = int(attention.sum(-1).max())
+        return Batch(self.input_ids[rows, :width], attention[:, :width], self.mask[rows, :width - 1])
+
+
+def row_parts(rows: torch.Tensor, size: int | None) -> list[torch.Tensor]:
+    """``rows`` in consecutive parts of at most ``size`` (all at once when ``size`` is None)."""
+    return list(rows.split(size)) if size else [rows]
+
+
+@torch.no_grad()
+def rollout_figures(model, core: "PolicyWithValue", batch: Batch, micro_batch_size: int | None):
+    """The policy's and the reference's log-probabilities, the values and the summed entropy of the
+    response tokens of every sequence in ``batch``, computed ``micro_batch_size`` sequences at a time: only
+    one micro-batch's logits (batch x length x vocabulary) and hidden states exist at once."""
+    logprobs, refs, values = (torch.zeros(batch.mask.shape, device=batch.mask.device) for _ in range(3))
+    entropy_sum = 0.0
+    for rows in row_parts(torch.arange(len(batch.input_ids), device=batch.input_ids.device), micro_batch_size):
+        part = batch.rows(rows)
+        width = part.width - 1
+        logits, part_values = model(part.input_ids, part.attention_mask)
+        logprobs[rows, :width] = token_logprobs(logits, part.input_ids)
+        values[rows, :width] = part_values[:, :-1]
+        entropy_sum += float((entropy(logits) * part.mask).sum())
+        del logits
+        refs[rows, :width] = token_logprobs(core.reference_logits(part.input_ids, part.attention_mask),
+                                            part.input_ids)
+    return logprobs, refs, values, entropy_sum
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -100,19 +147,22 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the masked tokens; ``tokens``: divide by this count instead (a micro-batch's
+    share of the mean over a larger batch, so the shares of all micro-batches add up to that mean)."""
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if tokens is None else max(tokens, 1.0))
 
 
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip: float,
-               value_clip: float) -> dict[str, torch.Tensor]:
-    """Clipped surrogate policy loss and clipped value loss (PPO, Schulman et al. 2017)."""
+               value_clip: float, tokens: float | None = None) -> dict[str, torch.Tensor]:
+    """Clipped surrogate policy loss and clipped value loss (PPO, Schulman et al. 2017), token means over
+    ``mask`` (or, with ``tokens``, this micro-batch's share of the means over a minibatch of that many)."""
     ratio = torch.exp(logprobs - old_logprobs)
     policy = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
     clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
     value = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
-    return {"policy_loss": masked_mean(policy, mask), "value_loss": masked_mean(value, mask),
-            "clip_fraction": masked_mean(((ratio - 1).abs() > clip).float(), mask)}
+    return {"policy_loss": masked_mean(policy, mask, tokens), "value_loss": masked_mean(value, mask, tokens),
+            "clip_fraction": masked_mean(((ratio - 1).abs() > clip).float(), mask, tokens)}
 
 
 class AdaptiveKL:

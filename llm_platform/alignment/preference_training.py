@@ -17,7 +17,7 @@ from typing import Any
 
 from llm_platform import console
 from llm_platform.errors import PlatformError
-from llm_platform.training.config import OptimSettings, ScalingSettings
+from llm_platform.training.config import OptimSettings, ScalingSettings, check_batch
 from llm_platform.training.checkpoint import SETTINGS  # the run's training settings, in each Trainer checkpoint
 from llm_platform.training.outputs import MetricsLog
 
@@ -25,9 +25,7 @@ from llm_platform.training.outputs import MetricsLog
 
 def check_scaling(optim: OptimSettings, scaling: ScalingSettings) -> None:
     """Validation shared by the reward and DPO configs."""
-    if optim.batch_size % scaling.num_workers:
-        raise ValueError(f"optim.batch_size ({optim.batch_size}) must be a multiple of scaling.num_workers "
-                         f"({scaling.num_workers})")
+    check_batch(optim, scaling)
     if scaling.sharding == "fsdp":
         raise ValueError("scaling.sharding: TRL's trainers run DDP here (every worker a full replica); "
                          "accelerate enables FSDP only on GPUs")
@@ -35,16 +33,22 @@ def check_scaling(optim: OptimSettings, scaling: ScalingSettings) -> None:
 
 def trainer_arguments(optim: OptimSettings, scaling: ScalingSettings, dtype: str, output_dir: str,
                       gradient_checkpointing: bool) -> dict[str, Any]:
-    """``TrainingArguments`` shared by the reward and DPO jobs (TRL's config classes take them all)."""
-    per_worker = optim.batch_size // scaling.num_workers  # the global batch is split evenly across workers
+    """``TrainingArguments`` shared by the reward and DPO jobs (TRL's config classes take them all).
+    Accumulation and activation checkpointing are the Trainer's own (``gradient_accumulation_steps``,
+    ``gradient_checkpointing``, non-reentrant): ``optim.batch_size`` stays the effective global batch."""
+    # The global batch is split evenly across workers, and each worker's share into micro-batches.
+    micro = optim.batch_size // scaling.num_workers // optim.gradient_accumulation_steps
     return {
-        "output_dir": output_dir, "max_steps": optim.max_steps, "per_device_train_batch_size": per_worker,
-        "per_device_eval_batch_size": per_worker, "learning_rate": optim.learning_rate,
+        "output_dir": output_dir, "max_steps": optim.max_steps, "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": optim.gradient_accumulation_steps,
+        "per_device_eval_batch_size": micro, "learning_rate": optim.learning_rate,
         "weight_decay": optim.weight_decay, "warmup_steps": optim.warmup_ratio, "lr_scheduler_type": "linear",
         "max_grad_norm": optim.max_grad_norm, "seed": optim.seed, "logging_steps": optim.log_every,
         "save_strategy": "steps", "save_steps": optim.save_every or optim.max_steps,
         "eval_strategy": "steps" if optim.eval_every else "no", "eval_steps": optim.eval_every or None,
-        "gradient_checkpointing": gradient_checkpointing, "bf16": dtype == "bfloat16", "fp16": dtype == "float16",
+        "gradient_checkpointing": gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
+        "bf16": dtype == "bfloat16", "fp16": dtype == "float16",
         "use_cpu": not scaling.use_gpu, "ddp_backend": "nccl" if scaling.use_gpu else "gloo",
         "ddp_find_unused_parameters": False,
         "report_to": [], "disable_tqdm": True}
@@ -148,9 +152,10 @@ def prepare(cfg):
 def check_inputs(cfg) -> None:
     """Fail in seconds, before any worker starts, on a wrong model path or dataset."""
     from llm_platform.alignment.preferences import load_pairs
-    from llm_platform.models.loading import load_tokenizer
+    from llm_platform.models.loading import load_model_config, load_tokenizer
 
-    check_chat_template(load_tokenizer(cfg.model), cfg.model)
+    load_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)  # code it ships is allowed
+    check_chat_template(load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code), cfg.model)
     for split in ("train", cfg.data.eval_split):
         if not len(load_pairs(cfg.data, split)):
             raise PlatformError(f"data.source {cfg.data.source}: the {split} split is empty")

@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from llm_platform.alignment.preferences import Turns, assistant_turns, chat_ids, user_turns
-from llm_platform.dtypes import torch_dtype
-from llm_platform.models.loading import load_tokenizer, resolve_model
+from llm_platform.models.loading import load_sequence_classifier, load_tokenizer
 
 OFFSET_KEY = "reward_offset"
 
@@ -29,10 +28,11 @@ OFFSET_KEY = "reward_offset"
 class RewardScorer:
     """``RewardScorer(path, device).score(prompts, responses) -> list[float]``: centred rewards."""
 
-    def __init__(self, path: str, device: str = "cpu", batch_size: int = 32, dtype: str = "float32"):
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path), dtype=torch_dtype(dtype))
-        self._setup(model.to(device).eval(), load_tokenizer(path), getattr(model.config, OFFSET_KEY, 0.0),
-                    batch_size)
+    def __init__(self, path: str, device: str = "cpu", batch_size: int = 32, dtype: str = "float32",
+                 trust_remote_code: bool = False):
+        model = load_sequence_classifier(path, dtype, device, trust_remote_code=trust_remote_code)
+        self._setup(model.eval(), load_tokenizer(path, trust_remote_code=trust_remote_code),
+                    getattr(model.config, OFFSET_KEY, 0.0), batch_size)
 
     @classmethod
     def from_model(cls, model, tokenizer: PreTrainedTokenizerBase, offset: float = 0.0,

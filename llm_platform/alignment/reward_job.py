@@ -33,24 +33,21 @@ def train(cfg: RewardJobConfig, folder: Path | None) -> None:
     import ray.train.torch
     from peft import LoraConfig, TaskType
     from ray.train.huggingface.transformers import RayTrainReportCallback
-    from transformers import AutoModelForSequenceClassification, set_seed
+    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     from llm_platform.alignment.preference_training import (losses, settings_callback, trainer_arguments,
                                                             train_in_worker)
     from llm_platform.alignment.preferences import as_conversations, load_pairs
     from llm_platform.alignment.reward import OFFSET_KEY, RewardScorer, ranking
-    from llm_platform.models.loading import DTYPES, load_tokenizer, resolve_model
+    from llm_platform.training.devices import placement
     from llm_platform.training.outputs import write_summary
 
     context = ray.train.get_context()
-    rank, world, device = context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = placement(cfg.scaling.use_gpu, cfg.dtype).check(ray.train.torch.get_device())
     set_seed(cfg.optim.seed)  # the fresh score head starts the same in every run
-    tokenizer = load_tokenizer(cfg.model)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(cfg.model), num_labels=1,
-                                                               dtype=DTYPES[cfg.dtype])
-    model.config.pad_token_id = tokenizer.pad_token_id  # the classifier finds each sequence's end by its padding
-    model.to(device)
+    model, tokenizer = build_reward_model(cfg, str(device))
     train, held_out = load_pairs(cfg.data, "train"), load_pairs(cfg.data, cfg.data.eval_split)
     before = RewardScorer.from_model(model, tokenizer).pair_accuracy(held_out) if rank == 0 else None
 
@@ -72,7 +69,7 @@ def train(cfg: RewardJobConfig, folder: Path | None) -> None:
     trained.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # Centre on the saved model, loaded as PPO's reward actor will load it.
-    scorer = RewardScorer(str(out), str(device), dtype=cfg.dtype)
+    scorer = RewardScorer(str(out), str(device), dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     chosen, rejected = scorer.score_pairs(train)
     offset = sum(chosen + rejected) / (2 * len(train))
     trained.config.update({OFFSET_KEY: offset})
@@ -90,6 +87,17 @@ def train(cfg: RewardJobConfig, folder: Path | None) -> None:
         "train_loss_first": first_loss, "train_loss": last_loss, "train_seconds": train_seconds,
         "output": "model"})
     log.finish()
+
+
+def build_reward_model(cfg: RewardJobConfig, device: str = "cpu"):
+    """The classifier the workers train (the base with a fresh one-output score head) and its tokenizer."""
+    from llm_platform.models.loading import load_sequence_classifier, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_sequence_classifier(cfg.model, cfg.dtype, device, trust_remote_code=cfg.trust_remote_code,
+                                     num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the classifier finds each sequence's end by its padding
+    return model, tokenizer
 
 
 JOB = Job(name="reward_model", config=RewardJobConfig, train=train, example_config="train_jobs/configs/local_reward.yaml",

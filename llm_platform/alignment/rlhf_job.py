@@ -56,23 +56,18 @@ def train(cfg: RLHFConfig, folder: Path | None) -> None:
 def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
     import ray
     import torch.distributed as dist
-    from peft import LoraConfig, TaskType, get_peft_model
-
     from llm_platform.alignment import ppo
     from llm_platform.alignment.rollout import RewardWorker, RolloutPool
     from llm_platform.engine import EngineConfig, SamplingParams
-    from llm_platform.models.loading import load_causal_lm, load_tokenizer
+    from llm_platform.training.devices import placement
     from llm_platform.training.distributed import shard, unwrap
     from llm_platform.training.outputs import write_summary
     from llm_platform.training.tracking import tracker
 
     torch.manual_seed(cfg.ppo.seed)
-    tokenizer = load_tokenizer(cfg.policy_model)
-    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                      target_modules=list(cfg.lora.target_modules))
-    model = ppo.PolicyWithValue(get_peft_model(load_causal_lm(cfg.policy_model, dtype=cfg.dtype,
-                                                               device=str(ctx.device)), lora))
-    model = shard(model, "ddp" if ctx.world > 1 else "none", ctx.device)
+    device = policy_placement(cfg).check(ctx.device)
+    model, tokenizer = build_policy(cfg, str(device))
+    model = shard(model, "ddp" if ctx.world > 1 else "none", device)
     core = unwrap(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.ppo.learning_rate)
@@ -83,14 +78,16 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
     pool = reward = None
     if ctx.is_main:
         engine = EngineConfig(model=cfg.policy_model, kind=cfg.rollout.engine, dtype=cfg.dtype,
-                              max_model_len=cfg.rollout.max_model_len,
+                              device=rollout_device(cfg),
+                              max_model_len=cfg.rollout.max_model_len, trust_remote_code=cfg.trust_remote_code,
                               enable_soft_prompts=False, max_lora_rank=lora_slot_rank(cfg.lora.r), max_loras=1,
                               max_cpu_loras=2, cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, seed=cfg.ppo.seed)
         pool = RolloutPool(engine, cfg.rollout.num_workers, cfg.rollout.cpus_per_worker,
                            cfg.rollout.gpus_per_worker, cfg.run_name)
+        scorer = placement(cfg.reward_actor.num_gpus > 0, cfg.reward_dtype)
         reward = ray.remote(RewardWorker).options(
             num_cpus=cfg.reward_actor.num_cpus, num_gpus=cfg.reward_actor.num_gpus,
-        ).remote(cfg.reward_model, "cuda" if cfg.reward_actor.num_gpus else "cpu", cfg.reward_dtype)
+        ).remote(cfg.reward_model, scorer.device_type, cfg.reward_dtype, cfg.trust_remote_code)
         _publish_policy(core, start, pool)
     log = tracker(cfg, folder, "rlhf", resume_step=start if start else None) if ctx.is_main else None
     sampling = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
@@ -150,17 +147,18 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
 
 
 def _learn(cfg, model, core, optimizer, kl_control, samples, scores, pad_id, ctx) -> dict:
-    """Recompute log-probabilities, check them against the engine's, then PPO epochs over minibatches."""
+    """Recompute log-probabilities, check them against the engine's, then PPO epochs over minibatches.
+
+    Every forward runs on at most ``ppo.micro_batch_size`` sequences (each cut to its own longest
+    length); a minibatch's gradients are accumulated over its micro-batches, each loss a share of the
+    minibatch's token mean, so the update is the one a single pass over the minibatch would make."""
     from llm_platform.alignment import ppo
-    from llm_platform.training.distributed import all_reduce_sum
+    from llm_platform.training.distributed import all_reduce_sum, gradient_sync
 
     batch = ppo.Batch.build(samples, pad_id, ctx.device)
+    micro = cfg.ppo.micro_batch_size
+    old_logprobs, ref_logprobs, old_values, ent_sum = ppo.rollout_figures(model, core, batch, micro)
     with torch.no_grad():
-        logits, values = model(batch.input_ids, batch.attention_mask)
-        old_logprobs = ppo.token_logprobs(logits, batch.input_ids)
-        ref_logprobs = ppo.token_logprobs(core.reference_logits(batch.input_ids, batch.attention_mask),
-                                          batch.input_ids)
-        old_values = values[:, :-1]
         engine = torch.zeros_like(old_logprobs)
         for row, s in enumerate(samples):
             engine[row, len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.engine_logprobs)] = \
@@ -170,29 +168,66 @@ def _learn(cfg, model, core, optimizer, kl_control, samples, scores, pad_id, ctx
                                          kl_control.value)
         advantages, returns = ppo.gae(rewards, old_values, batch.mask, cfg.ppo.gamma, cfg.ppo.lam)
         advantages = ppo.whiten(advantages, batch.mask)
-        ent = ppo.masked_mean(ppo.entropy(logits), batch.mask)
+        ent = ent_sum / max(float(batch.mask.sum()), 1.0)
     totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
     steps = 0
     size = max(cfg.ppo.minibatch_size // ctx.world, 1)
     for epoch in range(cfg.ppo.epochs):
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(epoch))
         for chunk in order.split(size):
-            logits, values = model(batch.input_ids[chunk], batch.attention_mask[chunk])
-            losses = ppo.ppo_losses(ppo.token_logprobs(logits, batch.input_ids[chunk]), old_logprobs[chunk],
-                                    advantages[chunk], values[:, :-1], old_values[chunk], returns[chunk],
-                                    batch.mask[chunk], cfg.ppo.clip, cfg.ppo.value_clip)
-            (losses["policy_loss"] + cfg.ppo.value_coef * losses["value_loss"]).backward()
+            tokens = float(batch.mask[chunk].sum())
+            parts = ppo.row_parts(chunk, micro)
+            for i, rows in enumerate(parts):
+                part = batch.rows(rows)
+                width = part.width - 1
+                with gradient_sync(model, sync=i == len(parts) - 1):
+                    logits, values = model(part.input_ids, part.attention_mask)
+                    losses = ppo.ppo_losses(ppo.token_logprobs(logits, part.input_ids),
+                                            old_logprobs[rows, :width], advantages[rows, :width], values[:, :-1],
+                                            old_values[rows, :width], returns[rows, :width], part.mask,
+                                            cfg.ppo.clip, cfg.ppo.value_clip, tokens=tokens)
+                    (losses["policy_loss"] + cfg.ppo.value_coef * losses["value_loss"]).backward()
+                for key in totals:  # the micro-batches' shares add up to the minibatch's means
+                    totals[key] += float(losses[key].detach())
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.ppo.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for key in totals:
-                totals[key] += float(losses[key].detach())
             steps += 1
     sums = all_reduce_sum([diff_sum, float(batch.mask.sum()), float(kl.sum()), float(len(samples)),
                            float(ent), *totals.values(), float(steps)], ctx.device)
     diff, tokens, kl_sum, n, ent_sum, pl, vl, cf, n_steps = sums
     return {"logprob_abs_diff": diff / tokens, "kl": kl_sum / n, "entropy": ent_sum / ctx.world,
             "policy_loss": pl / n_steps, "value_loss": vl / n_steps, "clip_fraction": cf / n_steps}
+
+
+def policy_placement(cfg: RLHFConfig):
+    """The policy's device and dtypes: the base (and so the reference) in ``dtype``, the LoRA and the
+    value head in float32."""
+    from llm_platform.training.devices import placement
+
+    return placement(cfg.scaling.use_gpu, cfg.dtype, trains="adapter")
+
+
+def rollout_device(cfg: RLHFConfig) -> str:
+    """The transformers rollout engine's device: ``cuda`` in an actor with a GPU (vLLM picks its own)."""
+    from llm_platform.training.devices import placement
+
+    return placement(cfg.rollout.gpus_per_worker > 0, cfg.dtype).device_type
+
+
+def build_policy(cfg: RLHFConfig, device: str = "cpu"):
+    """The policy each worker trains (LoRA on ``policy_model`` plus a value head; with the adapter off it
+    is the reference) and its tokenizer."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from llm_platform.alignment import ppo
+    from llm_platform.models.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.policy_model, trust_remote_code=cfg.trust_remote_code)
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+                      target_modules=list(cfg.lora.target_modules))
+    base = load_causal_lm(cfg.policy_model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    return ppo.PolicyWithValue(get_peft_model(base, lora)), tokenizer
 
 
 def _prompts(cfg: RLHFConfig, tokenizer) -> list[tuple[str, list[int]]]:
@@ -264,16 +299,19 @@ def _progress(row: dict, iterations: int) -> str:
 
 
 def prepare(cfg: RLHFConfig) -> RLHFConfig:
-    from llm_platform.models.loading import resolve_model
+    from llm_platform.models.loading import load_model_config, resolve_model
     from llm_platform.models.tiny import ensure_tiny_model
     from llm_platform.prerequisites import missing
     from llm_platform.training.outputs import absolute
 
     ensure_tiny_model(cfg.policy_model)
     resolve_model(cfg.policy_model, weights=False)  # there, or fetchable: the workers load the weights
+    load_model_config(cfg.policy_model, trust_remote_code=cfg.trust_remote_code)  # code it ships is allowed
     if not Path(cfg.reward_model).expanduser().is_dir() and "://" not in cfg.reward_model:
         raise PlatformError(missing("reward_model", cfg.reward_model, "train one first with `python -m "
                                     "train_jobs.reward_model --config train_jobs/configs/local_reward.yaml`"))
+    if "://" not in cfg.reward_model:  # a local folder: its config is read here (a URI only by the actor)
+        load_model_config(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
     return cfg.model_copy(update={"policy_model": absolute(cfg.policy_model),
                                   "reward_model": absolute(cfg.reward_model),
                                   "output_dir": absolute(cfg.output_dir, create=True)})

@@ -112,10 +112,10 @@ class RolloutWorker:
 class RewardWorker:
     """The reward model in a Ray actor: scores prompt + response texts."""
 
-    def __init__(self, path: str, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, path: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
         from llm_platform.alignment.reward import RewardScorer
 
-        self.scorer = RewardScorer(path, device, dtype=dtype)
+        self.scorer = RewardScorer(path, device, dtype=dtype, trust_remote_code=trust_remote_code)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         return self.scorer.score(prompts, responses)

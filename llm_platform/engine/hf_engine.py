@@ -30,8 +30,9 @@ _DONE = object()
 class TransformersEngine(Engine):
     def __init__(self, config: EngineConfig):
         self.config = config
-        self._tokenizer = load_tokenizer(config.model)
-        self.model = load_causal_lm(config.model, dtype=config.dtype, device=config.device)
+        self._tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        self.model = load_causal_lm(config.model, dtype=config.dtype, device=config.device,
+                                    trust_remote_code=config.trust_remote_code)
         self._embed = self.model.get_input_embeddings()
         self._eos = set(_as_list(self.model.generation_config.eos_token_id) or [self._tokenizer.eos_token_id])
         self._soft_prompts: OrderedDict[str, torch.Tensor] = OrderedDict()

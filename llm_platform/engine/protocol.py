@@ -57,6 +57,9 @@ class EngineConfig(FrozenConfig):
     """KV cache vLLM reserves on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."""
     seed: int = 0
     """Engine seed, used when a request gives none."""
+    trust_remote_code: bool = False
+    """Run the Python code the model ships (``auto_map`` in its config) in transformers and vLLM. Off by
+    default: only for models you trust."""
     served_name: str | None = None
     """The model's name in vLLM's metrics (their model_name label); default: the model path."""
 

@@ -45,7 +45,7 @@ class VLLMEngine(Engine):
             from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
         self.config = config
         self.path = resolve_model(config.model)
-        self._tokenizer = load_tokenizer(self.path)
+        self._tokenizer = load_tokenizer(self.path, trust_remote_code=config.trust_remote_code)
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.cpu_kv_cache_gib)))
         args = AsyncEngineArgs(
             model=self.path, dtype=config.dtype, seed=config.seed, max_model_len=config.max_model_len,
@@ -54,6 +54,7 @@ class VLLMEngine(Engine):
             max_lora_rank=config.max_lora_rank if config.enable_lora else None,
             max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
             enable_prompt_embeds=config.enable_soft_prompts, disable_log_stats=not in_ray,
+            trust_remote_code=config.trust_remote_code,
             served_model_name=config.served_name)
         # Inside Ray (a Serve replica, a rollout actor) vLLM's engine statistics (queue, running and waiting
         # requests, TTFT, inter-token latency, KV cache use) are exported through Ray's metrics agent, beside

@@ -40,6 +40,11 @@ class ModelSpec(FrozenConfig):
         tp = self.engine.tensor_parallel_size
         if tp > 1 and self.num_gpus < tp:
             raise ValueError(f"model {self.id}: tensor_parallel_size {tp} needs num_gpus >= {tp} (got {self.num_gpus})")
+        on_gpu = self.engine.device.startswith("cuda")
+        if self.engine.kind == "transformers" and (self.num_gpus > 0) != on_gpu:
+            # vLLM picks its platform itself; the transformers engine runs where engine.device says.
+            raise ValueError(f"model {self.id}: engine.device {self.engine.device!r} with num_gpus {self.num_gpus}: "
+                             f"a transformers engine with a GPU needs engine.device: cuda, one without needs cpu")
         return self
 
 

@@ -497,7 +497,8 @@ class Ingress:
     def _base_config(self, base: str):
         """The base's config.json (for a hub base, that file alone is downloaded); called off the event loop."""
         if base not in self._configs:
-            self._configs[base] = load_model_config(self.specs[base].engine.model)
+            engine = self.specs[base].engine
+            self._configs[base] = load_model_config(engine.model, trust_remote_code=engine.trust_remote_code)
         return self._configs[base]
 
     def _open_store(self) -> AdapterStore:

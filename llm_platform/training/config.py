@@ -123,7 +123,11 @@ class OptimSettings(FrozenConfig):
     max_steps: int = Field(100, ge=1)
     """Optimizer steps."""
     batch_size: int = Field(16, ge=1)
-    """Global batch: split evenly across workers, so 1 and N workers take the same steps."""
+    """Global batch per optimizer step: split evenly across workers, so 1 and N workers take the same steps."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step: each worker's share of ``batch_size`` goes through forward and
+    backward in this many parts, their gradients summed before one step. The same update as one pass over
+    the whole batch, with the activation memory of one part; ``batch_size`` stays the effective batch."""
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     log_every: int = Field(10, ge=1)
@@ -132,6 +136,18 @@ class OptimSettings(FrozenConfig):
     """Steps between validation passes (0: only at the end)."""
     save_every: int = Field(0, ge=0)
     """Steps between checkpoints (0: only at the end)."""
+
+
+def check_batch(optim: OptimSettings, scaling: "ScalingSettings") -> None:
+    """The global batch splits evenly into workers and each worker's share into micro-batches."""
+    if optim.batch_size % scaling.num_workers:
+        raise ValueError(f"optim.batch_size ({optim.batch_size}) must be a multiple of "
+                         f"scaling.num_workers ({scaling.num_workers})")
+    share = optim.batch_size // scaling.num_workers
+    if share % optim.gradient_accumulation_steps:
+        raise ValueError(f"optim.gradient_accumulation_steps ({optim.gradient_accumulation_steps}) must divide "
+                         f"each worker's share of optim.batch_size ({optim.batch_size} / {scaling.num_workers} "
+                         f"worker(s) = {share})")
 
 
 class ScalingSettings(FrozenConfig):
@@ -175,6 +191,14 @@ class SFTConfig(FrozenConfig):
     """Compute dtype (float32 on CPU; bfloat16 on GPUs). With FSDP it is mixed precision: weights and
     optimizer in float32, each layer computed in this dtype, gradients reduced in float32; otherwise
     the weights are stored in it."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing: each decoder layer's activations are recomputed in the backward pass
+    instead of kept (transformers' ``gradient_checkpointing_enable``, non-reentrant): far less memory
+    for long sequences and large models, ~30% more compute. The gradients are the same."""
+    trust_remote_code: bool = False
+    """Run the Python code a model folder or hub repo ships (``auto_map`` in its config) to build its
+    model and tokenizer. Off by default: such code runs with the job's rights; turn it on only for
+    models you trust."""
     output_dir: str = "artifacts/sft"
     """Where metrics.jsonl, summary.json and adapter/ or model/ go: a folder or an s3://, gs:// URI."""
     storage_path: str | None = None
@@ -197,9 +221,7 @@ class SFTConfig(FrozenConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "SFTConfig":
-        if self.optim.batch_size % self.scaling.num_workers:
-            raise ValueError(f"optim.batch_size ({self.optim.batch_size}) must be a multiple of "
-                             f"scaling.num_workers ({self.scaling.num_workers})")
+        check_batch(self.optim, self.scaling)
         if self.register_url and self.method == "full":
             raise ValueError("register_url: only adapters (lora, qlora, prompt_tuning) can be registered")
         if self.register_url and not self.register_base:

@@ -9,7 +9,8 @@ prompts are small or not shardable, so they use DDP (every worker a full replica
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,27 @@ def shard(model: torch.nn.Module, mode: str, device: torch.device,
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
+
+
+@contextmanager
+def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Forward and backward of one micro-batch, reducing gradients across workers only if ``sync`` (the
+    last micro-batch of an optimizer step): DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``
+    (gradients then accumulate unsharded until the synced micro-batch reduce-scatters their sum). A
+    model on one worker has nothing to sync."""
+    if sync:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -22,10 +22,11 @@ from llm_platform.data.templates import PromptPair
 from llm_platform.models.loading import DTYPES, load_tokenizer
 from llm_platform.training import checkpoint
 from llm_platform.training.config import SFTConfig, training_settings
+from llm_platform.training.devices import sft_placement
 from llm_platform.training.data import load_split, task_labels, tokenize_all
-from llm_platform.training.distributed import (WorkerContext, all_gather, all_reduce_sum, held_parameter_bytes,
-                                               shard, unwrap)
-from llm_platform.training.evaluate import choice_accuracy, collate, eval_loss, sequence_logprobs
+from llm_platform.training.distributed import (WorkerContext, all_gather, all_reduce_sum, gradient_sync,
+                                               held_parameter_bytes, shard, unwrap)
+from llm_platform.training.evaluate import IGNORE, choice_accuracy, collate, eval_loss, sequence_logprobs
 from llm_platform.training.methods import build_model, trainable_parameters
 from llm_platform.training.outputs import write_summary
 from llm_platform.training.tracking import RunTracker
@@ -47,14 +48,14 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path | None) -> dict:
     """Train per ``cfg``; rank 0 writes metrics.jsonl, summary.json and the weights into ``folder`` (its
     ``output`` names the weights' subfolder; None on the other ranks)."""
     torch.manual_seed(cfg.optim.seed)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     labels = task_labels(cfg.data)
     train_set = load_tokenized(cfg, tokenizer, "train")
     val_set = load_tokenized(cfg, tokenizer, "validation")
     # Accuracy ranks a labelled task's label words after each test prompt.
     test_pairs = [PromptPair(e["prompt"], e["completion"]) for e in load_split(cfg.data, "test")[0]] if labels else []
 
-    model = build_model(cfg, str(ctx.device))
+    model = build_model(cfg, str(sft_placement(cfg).check(ctx.device)))
     total_bytes = held_parameter_bytes(model)
     model = shard(model, cfg.sharding, ctx.device, DTYPES[cfg.dtype])
     held = all_gather(held_parameter_bytes(model))
@@ -86,8 +87,9 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path | None) -> dict:
     window = {"loss": 0.0, "loss_tokens": 0.0, "tokens": 0.0, "steps": 0, "t0": time.perf_counter()}
     for step in range(start + 1, cfg.optim.max_steps + 1):
         batch_ids = order[(step - 1) * cfg.optim.batch_size: step * cfg.optim.batch_size][ctx.rank::ctx.world]
-        batch = collate([train_set[i] for i in batch_ids], tokenizer.pad_token_id, ctx.device)
-        loss_sum, loss_tokens, tokens = _train_step(cfg, model, optimizer, scheduler, batch, ctx)
+        micro = micro_batches([train_set[i] for i in batch_ids], cfg.optim.gradient_accumulation_steps,
+                              tokenizer.pad_token_id, ctx.device)
+        loss_sum, loss_tokens, tokens = train_step(cfg, model, optimizer, scheduler, micro, ctx)
         window["loss"] += loss_sum
         window["loss_tokens"] += loss_tokens
         window["tokens"] += tokens
@@ -128,19 +130,38 @@ def train_sft(cfg: SFTConfig, ctx: WorkerContext, folder: Path | None) -> dict:
     return summary
 
 
-def _train_step(cfg, model, optimizer, scheduler, batch, ctx: WorkerContext) -> tuple[float, float, float]:
-    """One optimizer step; returns the global summed loss, its token count, and all tokens processed."""
-    logprob_sum, counts = sequence_logprobs(model, batch)
-    global_tokens, all_tokens = all_reduce_sum([float(counts.sum()), float(batch["attention_mask"].sum())],
+def micro_batches(examples: list[dict], parts: int, pad_id: int, device) -> list[dict[str, torch.Tensor]]:
+    """This worker's share of a step, as ``parts`` padded micro-batches of equal size (every worker runs
+    the same number of forward passes, as FSDP needs)."""
+    size = len(examples) // parts
+    return [collate(examples[i * size:(i + 1) * size], pad_id, device) for i in range(parts)]
+
+
+def train_step(cfg, model, optimizer, scheduler, micro: list[dict],
+               ctx: WorkerContext) -> tuple[float, float, float]:
+    """One optimizer step over this worker's micro-batches; returns the global summed loss, its token count,
+    and all tokens processed.
+
+    The loss is the mean over every loss-carrying token of the *global* batch (all workers, all
+    micro-batches): each micro-batch's summed log-probability is divided by that one count before its
+    backward, so the accumulated gradient is exactly the one-pass gradient, however the batch is split.
+    Gradients are reduced across workers only after the last micro-batch."""
+    local = [float((b["labels"][:, 1:] != IGNORE).sum()) for b in micro]
+    global_tokens, all_tokens = all_reduce_sum([sum(local), float(sum(b["attention_mask"].sum() for b in micro))],
                                                ctx.device)
-    # Gradients are averaged over workers, so each worker's share is scaled by the world size.
-    loss = -logprob_sum.sum() / global_tokens * ctx.world
-    loss.backward()
+    loss_sum = 0.0
+    for i, batch in enumerate(micro):
+        with gradient_sync(model, sync=i == len(micro) - 1):
+            logprob_sum, _ = sequence_logprobs(model, batch)
+            # Gradients are averaged over workers, so each worker's share is scaled by the world size.
+            loss = -logprob_sum.sum() / max(global_tokens, 1.0) * ctx.world
+            loss.backward()
+        loss_sum -= float(logprob_sum.detach().sum())
     torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.optim.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = all_reduce_sum([-float(logprob_sum.detach().sum())], ctx.device)[0]
+    loss_sum = all_reduce_sum([loss_sum], ctx.device)[0]
     return loss_sum, global_tokens, all_tokens
 
 

@@ -16,22 +16,36 @@ from transformers import BitsAndBytesConfig
 
 from llm_platform.models.loading import DTYPES, load_causal_lm, resolve_model
 from llm_platform.training.config import SFTConfig
+from llm_platform.training.devices import sft_placement
 
 
 def build_model(cfg: SFTConfig, device: str = "cpu"):
     """The model to train, with exactly the parameters ``cfg.method`` trains set to require grad."""
     if cfg.method == "qlora":
-        model = load_causal_lm(cfg.model, cfg.dtype, device, quantization=quantization_config(cfg))
+        model = load_causal_lm(cfg.model, cfg.dtype, device, quantization=quantization_config(cfg),
+                               trust_remote_code=cfg.trust_remote_code)
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=CHECKPOINTING)
     else:
         # Under FSDP the weights stay float32 (the optimizer's master copy) and FSDP casts each layer to
         # cfg.dtype for compute (distributed.shard's mixed-precision policy); otherwise they are stored in it.
-        model = load_causal_lm(cfg.model, "float32" if cfg.sharding == "fsdp" else cfg.dtype, device)
+        model = load_causal_lm(cfg.model, str(sft_placement(cfg).dtype), device,
+                               trust_remote_code=cfg.trust_remote_code)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
     if cfg.method == "full":
         return model.train()
+    # Non-reentrant checkpointing passes gradients to the adapters inside a checkpointed layer even when
+    # the layer's input (the frozen embeddings' output) does not require grad, so PEFT's
+    # enable_input_require_grads (needed with the reentrant variant) is not.
     return get_peft_model(model, peft_config(cfg)).train()
+
+
+CHECKPOINTING = {"use_reentrant": False}
+"""torch.utils.checkpoint's non-reentrant variant: works with FSDP2, frozen inputs and PEFT."""
+
 
 
 def quantization_config(cfg: SFTConfig) -> BitsAndBytesConfig:

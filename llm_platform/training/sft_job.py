@@ -45,11 +45,12 @@ def prepare(cfg: SFTConfig) -> SFTConfig:
 def check_inputs(cfg: SFTConfig) -> None:
     """Fail in seconds, before any worker starts, on a wrong model path or dataset: every row is checked, and
     the first rows of each split are tokenized (a chat template that refuses them fails here)."""
-    from llm_platform.models.loading import load_tokenizer
+    from llm_platform.models.loading import load_model_config, load_tokenizer
     from llm_platform.training.data import load_split, task_labels, tokenize_all
     from llm_platform.training.methods import peft_config
 
-    tokenizer = load_tokenizer(cfg.model)
+    load_model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)  # code it ships is allowed
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     for split in ("train", "validation", "test") if task_labels(cfg.data) else ("train", "validation"):
         examples, where, rows = load_split(cfg.data, split)
         if not examples:

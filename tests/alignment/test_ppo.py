@@ -155,3 +155,67 @@ def test_a_bfloat16_ppo_update_runs_on_cpu(tiny_models):
     assert stats["logprob_abs_diff"] < cfg.logprob_tolerance
     moved = [k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(trainable[k], v)]
     assert any("lora" in k for k in moved) and any("value_head" in k for k in moved)
+
+
+def test_micro_batches_make_the_same_ppo_update_one_part_at_a_time(tiny_models):
+    """One PPO update (scoring pass, an epoch of two minibatches) with ``ppo.micro_batch_size=1`` leaves the
+    same weights as whole minibatches, and no forward pass sees more than one sequence, each cut to its own
+    length."""
+    import random
+
+    from llm_platform.alignment.config import RLHFConfig
+    from llm_platform.alignment.rlhf_job import _learn, build_policy
+    from llm_platform.alignment.rollout import Sample
+    from llm_platform.training.distributed import WorkerContext
+
+    rng = random.Random(0)
+    samples = [Sample([rng.randrange(4, 1000) for _ in range(p)], [rng.randrange(4, 1000) for _ in range(r)],
+                      [-1.0] * r, "") for p, r in ((5, 7), (9, 3), (4, 12), (6, 6))]
+    scores = torch.tensor([1.0, -0.5, 0.25, 2.0])
+
+    def update(micro_batch_size):
+        cfg = RLHFConfig(policy_model=str(tiny_models["tiny-s"]), reward_model="unused",
+                         ppo={"minibatch_size": 2, "epochs": 1, "prompts_per_iteration": 4,
+                              "micro_batch_size": micro_batch_size, "learning_rate": 0.5})
+        torch.manual_seed(0)
+        model, tokenizer = build_policy(cfg)
+        widths = []
+        model.policy.register_forward_pre_hook(lambda module, args, kwargs: widths.append(
+            tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+        # Plain SGD: the weights move by the gradients themselves (Adam's first steps move every weight by
+        # about the learning rate, whatever its gradient, hiding a gradient that is wrong but of the right sign).
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
+        stats = _learn(cfg, model, model, optimizer, ppo.AdaptiveKL(0.05, 2.0, 100), samples, scores,
+                       tokenizer.pad_token_id, WorkerContext())
+        return stats, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}, widths
+
+    whole, whole_weights, whole_shapes = update(None)
+    micro, micro_weights, micro_shapes = update(1)
+    assert {s[0] for s in whole_shapes} == {4, 2} and {s[0] for s in micro_shapes} == {1}
+    assert {s[1] for s in micro_shapes} == {len(s.prompt_ids) + len(s.response_ids) for s in samples}
+    assert micro == pytest.approx(whole, rel=1e-4, abs=1e-6)
+    for name, value in whole_weights.items():
+        assert torch.allclose(micro_weights[name], value, atol=1e-6, rtol=1e-4), name
+    # The value head starts at zero: how far it moved shows the update was not a no-op.
+    assert float(whole_weights["value_head.weight"].abs().max()) > 1e-3
+
+
+def test_the_value_head_reads_the_last_hidden_state_without_keeping_the_others(tiny_models):
+    from peft import LoraConfig, get_peft_model
+
+    from llm_platform.models.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    model = ppo.PolicyWithValue(get_peft_model(load_causal_lm(str(tiny_models["tiny-s"])),
+                                               LoraConfig(r=8, target_modules=["q_proj"], init_lora_weights=False)))
+    torch.nn.init.normal_(model.value_head.weight)
+    ids = torch.tensor([[1, 5, 9, 11, 3], [1, 7, 8, 3, 3]])
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    seen = []
+    model.policy.register_forward_hook(lambda module, args, kwargs, out: seen.append(out.hidden_states),
+                                       with_kwargs=True)
+    logits, values = model(ids, attention)
+    assert seen == [None]  # the policy was not asked for every layer's hidden states
+    full = model.policy(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+    assert torch.allclose(values, model.value_head(full.hidden_states[-1]).squeeze(-1), atol=1e-6)
+    assert torch.allclose(logits, full.logits, atol=1e-6)

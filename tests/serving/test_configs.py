@@ -46,3 +46,14 @@ def test_serve_config_file_matches_rays_schema_and_builds_the_app(tiny_models, t
                      "overrides": [f"build_tiny_models={tiny_models['tiny-s'].parent}",
                                    f"adapter_store={tmp_path / 'store'}"]})
     assert isinstance(app, Application)
+
+
+def test_a_transformers_engine_runs_where_its_gpus_are():
+    """vLLM picks its own platform; the transformers engine's device must match the replica's GPUs, or it
+    would hold a GPU and run on the CPU."""
+    model = {"id": "a", "engine": {"model": "m", "kind": "transformers"}, "num_gpus": 1}
+    with pytest.raises(ConfigError, match="needs engine.device: cuda"):
+        load_config(ServeConfig, CONFIGS / "local.yaml", ["models=" + yaml.safe_dump([model], default_flow_style=True).strip()])
+    model["engine"]["device"] = "cuda"
+    assert load_config(ServeConfig, CONFIGS / "local.yaml",
+                       ["models=" + yaml.safe_dump([model], default_flow_style=True).strip()]).models[0].num_gpus == 1

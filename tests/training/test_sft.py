@@ -88,6 +88,13 @@ def test_fsdp_shards_add_up_and_two_workers_match_one(ray_local, tiny_models, tm
     assert losses_two == pytest.approx(losses_one, rel=2e-3)
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=2e-3)
 
+    # Each worker's share in two micro-batches (gradients reduce-scattered only after the second), layers
+    # checkpointed: the same training.
+    accumulated = run_sft("local_full.yaml", tiny_models["tiny-s"], tmp_path / "acc", *common, "scaling.num_workers=2",
+                          "optim.gradient_accumulation_steps=2", "gradient_checkpointing=true")
+    assert [r["loss"] for r in metric_rows(tmp_path / "acc")] == pytest.approx(losses_two, rel=1e-3)
+    assert accumulated["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-3)
+
     # bf16 under FSDP is mixed precision (float32 master weights, bf16 compute, float32 reduction): it
     # learns as float32 does, within bf16's rounding, and saves bf16 weights.
     mixed = run_sft("local_full.yaml", tiny_models["tiny-s"], tmp_path / "bf16", *common, "scaling.num_workers=2",
