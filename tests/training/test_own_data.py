@@ -134,7 +134,7 @@ def expected_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
         turn = f"<|{message['role']}|>\n{message['content']}{tokenizer.eos_token}\n"
         start = text.index(turn, cursor)
         if message["role"] == "assistant":
-            spans.append((start + len(f"<|assistant|>\n"), start + len(turn)))
+            spans.append((start + len("<|assistant|>\n"), start + len(turn)))
         cursor = start + len(turn)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(a <= lo and hi <= b for a, b in spans)) for lo, hi in encoded["offset_mapping"]]
