@@ -1,0 +1,72 @@
+"""The reward model and PPO on the two-node cluster (tests/ray_cluster.py), chained through S3 as users
+chain them on a cluster: the SFT model is read from ``s3://``, the reward job publishes its model to S3,
+PPO reads both by URI and publishes its outputs there. The drivers run where the test does (the head's
+view of the disks); the training workers, the reward actor and the vLLM rollout actor run on the worker
+node, whose disk the drivers cannot see. The cluster's nodes have no S3 variables: the drivers' reach
+them through the jobs' runtime environment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.fs as pafs
+import pytest
+
+from llm_platform.storage import open_filesystem
+from tests.training.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+ACTORS = """
+import json, ray
+from ray.util.state import list_actors
+ray.init(logging_level="ERROR")
+head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) == 0]
+names = {"RolloutWorker", "RewardWorker", "RayTrainWorker"}
+actors = [a for a in list_actors(detail=True, limit=10000) if a.class_name in names]  # dead ones too
+print("ACTORS", json.dumps({"head": head, "actors": [[a.class_name, a.node_id] for a in actors]}))
+"""
+
+
+def driver(ray_cluster, s3, module: str, *overrides: str) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env={**ray_cluster.env, **s3.env},
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run
+
+
+def test_reward_model_then_ppo_on_the_worker_node_chained_through_s3(ray_cluster, s3, sft_chat_model):
+    sft = s3.uri("sft-chat-model")
+    fs, path = open_filesystem(sft)
+    pafs.copy_files(str(sft_chat_model), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    reward_out = s3.uri("cluster-reward")
+    driver(ray_cluster, s3, "train_jobs.reward_model", "--config", "train_jobs/configs/local_reward.yaml",
+           f"model={sft}", f"output_dir={reward_out}", "optim.max_steps=10", "optim.save_every=0",
+           "data.eval_limit=32")
+    reward_summary = json.loads(s3.read(f"{reward_out}/summary.json"))
+    assert reward_summary["output"] == f"{reward_out}/model"
+    assert {"config.yaml", "metrics.jsonl", "model/config.json", "model/model.safetensors"} <= set(s3.listing(reward_out))
+
+    ppo_out = s3.uri("cluster-ppo")
+    driver(ray_cluster, s3, "train_jobs.rlhf", "--config", "train_jobs/configs/local_rlhf.yaml",
+           f"policy_model={sft}", f"reward_model={reward_summary['output']}", f"output_dir={ppo_out}",
+           "ppo.iterations=2", "ppo.prompts_per_iteration=8", "ppo.minibatch_size=8", "ppo.save_every=1")
+    rows = [json.loads(line) for line in s3.read(f"{ppo_out}/metrics.jsonl").decode().splitlines()]
+    rows = [r for r in rows if "reward_mean" in r]
+    # Every iteration the rollout actor (on the worker node) generated with the adapter version the trainer
+    # had just published to it: its log-probabilities equal the trainer's.
+    assert [r["iteration"] for r in rows] == [1, 2] and all(r["rollout_engine"] == "vllm" for r in rows)
+    assert max(r["logprob_abs_diff"] for r in rows) < 1e-2
+    listed = set(s3.listing(ppo_out))
+    assert {"config.yaml", "summary.json", "adapter/adapter_model.safetensors"} <= listed
+    assert any(p.startswith("ray/") and "checkpoint_" in p for p in listed)  # PPO's checkpoints in the store
+
+    result = ray_cluster.python(ACTORS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(next(x for x in result.stdout.splitlines() if x.startswith("ACTORS "))[7:])
+    ran = {name for name, node in seen["actors"] if node not in seen["head"]}
+    assert {"RolloutWorker", "RewardWorker", "RayTrainWorker"} <= ran, seen
+    assert not [name for name, node in seen["actors"] if node in seen["head"]], seen
