@@ -69,6 +69,9 @@ class PPOSettings(FrozenConfig):
     """KL (nats per response) the adaptive coefficient steers towards."""
     kl_horizon: int = Field(1000, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    log_samples: int = Field(0, ge=0)
+    """Write this many of each iteration's rollouts to ``samples.jsonl``: the prompt text and the response text
+    exactly as the reward model scored them, the response's token ids and the reward."""
     logprob_tolerance: float | None = Field(None, gt=0)
     """Stop when the engine's and the trainer's log-probabilities of the sampled tokens differ more
     than this on average: the rollout engine is not running the weights being trained. Default by

@@ -109,8 +109,11 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
             t0 = time.perf_counter()
             # The reward model scores the user's text and the reply, as it was trained (the prompt's own text,
             # carried along: no chat template is parsed back).
-            scores = ray.get(reward.score.remote([text for text, _ in batch], [s.response_text for s in samples]))
+            texts, responses = [text for text, _ in batch], [s.response_text for s in samples]
+            scores = ray.get(reward.score.remote(texts, responses))
             row["score_s"] = time.perf_counter() - t0
+            if cfg.ppo.log_samples:
+                _log_samples(folder, iteration + 1, texts, responses, samples, scores, cfg.ppo.log_samples)
             payload = [(samples, scores)]
         if ctx.world > 1:
             dist.broadcast_object_list(payload, src=0)
@@ -193,6 +196,17 @@ def _learn(cfg, model, core, optimizer, kl_control, samples, scores, pad_id, ctx
     diff, tokens, kl_sum, n, ent_sum, pl, vl, cf, n_steps = sums
     return {"logprob_abs_diff": diff / tokens, "kl": kl_sum / n, "entropy": ent_sum / ctx.world,
             "policy_loss": pl / n_steps, "value_loss": vl / n_steps, "clip_fraction": cf / n_steps}
+
+
+def _log_samples(folder: Path, iteration: int, prompts: list[str], responses: list[str], samples, scores,
+                 limit: int) -> None:
+    """``samples.jsonl``: what the reward model was given (prompt and response texts) and what it returned."""
+    import json
+
+    with (folder / "samples.jsonl").open("a") as f:
+        for prompt, response, sample, score in list(zip(prompts, responses, samples, scores))[:limit]:
+            f.write(json.dumps({"iteration": iteration, "prompt": prompt, "response": response,
+                                "response_ids": list(sample.response_ids), "reward": score}) + "\n")
 
 
 def _prompts(cfg: RLHFConfig, tokenizer) -> list[tuple[str, list[int]]]:
