@@ -1,6 +1,7 @@
 """``llmp``: the platform's command line.
 
-    llmp models build-tiny --out DIR      build the three tiny local models
+    llmp models build-tiny --out DIR [--chat-template tiny|llama-2|llama-3|chatml] [--sizes ...]
+                                          build the three tiny local models
     llmp data write --out DIR             write the synthetic datasets as files
     llmp generate --model PATH --prompt TEXT [--engine vllm|transformers] [--adapter KIND:PATH] ...
     llmp serve --config FILE [--host H] [--port P]   OpenAI-compatible serving until Ctrl-C / SIGTERM
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     tiny = models.add_parser("build-tiny", help="build tiny-s, tiny-m and tiny-l (deterministic)")
     tiny.add_argument("--out", required=True, help="folder to write the three checkpoints into")
     tiny.add_argument("--force", action="store_true", help="rebuild even if the checkpoints exist")
+    tiny.add_argument("--chat-template", default="tiny", choices=["tiny", "llama-2", "llama-3", "chatml"],
+                      help="chat template and special tokens: the project's own (default), Llama-2-chat "
+                           "([INST], <<SYS>>), Llama-3-Instruct (<|start_header_id|>, <|eot_id|>) or ChatML "
+                           "(Qwen: <|im_start|>, <|im_end|>)")
+    tiny.add_argument("--sizes", nargs="+", choices=["tiny-s", "tiny-m", "tiny-l"],
+                      default=["tiny-s", "tiny-m", "tiny-l"], help="build only these sizes")
     tiny.set_defaults(run=_build_tiny)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
@@ -146,7 +153,8 @@ def _plan_dtype(text: str) -> str:
 def _build_tiny(args) -> None:
     from llm_platform.models.tiny import build_tiny_models, parameter_count
 
-    for name, path in build_tiny_models(args.out, force=args.force).items():
+    for name, path in build_tiny_models(args.out, force=args.force, chat_template=args.chat_template,
+                                        sizes=tuple(args.sizes)).items():
         print(f"{name}: {path} ({parameter_count(path):,} parameters)")
 
 

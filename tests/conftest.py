@@ -18,6 +18,17 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return build_tiny_models(tmp_path_factory.mktemp("models"))
 
 
+CHAT_FAMILIES = ("llama-2", "llama-3", "chatml")
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """``family_models[family]``: tiny-s with a real family's chat template and special tokens (about 1 s each)."""
+    root = tmp_path_factory.mktemp("family-models")
+    return {family: build_tiny_models(root / family, chat_template=family, sizes=("tiny-s",))["tiny-s"]
+            for family in CHAT_FAMILIES}
+
+
 def make_lora(base: Path, out: Path, seed: int, rank: int = 8, targets=("q_proj", "v_proj", "o_proj", "down_proj")):
     """A LoRA adapter with random (non-zero) A and B, so it visibly changes the base's output."""
     from peft import LoraConfig, get_peft_model

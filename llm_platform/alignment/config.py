@@ -74,6 +74,9 @@ class PPOSettings(FrozenConfig):
     each minibatch's update go through in parts of this many, gradients accumulated, so only one part's
     logits and activations are held at a time. The update is the same as in one pass; unset: whole
     minibatches (and the whole rollout batch when scoring) at once."""
+    log_samples: int = Field(0, ge=0)
+    """Write this many of each iteration's rollouts to ``samples.jsonl``: the prompt text and the response text
+    exactly as the reward model scored them, the response's token ids and the reward."""
     logprob_tolerance: float | None = Field(None, gt=0)
     """Stop when the engine's and the trainer's log-probabilities of the sampled tokens differ more
     than this on average: the rollout engine is not running the weights being trained. Default by

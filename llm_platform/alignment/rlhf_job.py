@@ -106,8 +106,11 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
             t0 = time.perf_counter()
             # The reward model scores the user's text and the reply, as it was trained (the prompt's own text,
             # carried along: no chat template is parsed back).
-            scores = ray.get(reward.score.remote([text for text, _ in batch], [s.response_text for s in samples]))
+            texts, responses = [text for text, _ in batch], [s.response_text for s in samples]
+            scores = ray.get(reward.score.remote(texts, responses))
             row["score_s"] = time.perf_counter() - t0
+            if cfg.ppo.log_samples:
+                _log_samples(folder, iteration + 1, texts, responses, samples, scores, cfg.ppo.log_samples)
             payload = [(samples, scores)]
         if ctx.world > 1:
             dist.broadcast_object_list(payload, src=0)
@@ -228,6 +231,17 @@ def build_policy(cfg: RLHFConfig, device: str = "cpu"):
                       target_modules=list(cfg.lora.target_modules))
     base = load_causal_lm(cfg.policy_model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
     return ppo.PolicyWithValue(get_peft_model(base, lora)), tokenizer
+
+
+def _log_samples(folder: Path, iteration: int, prompts: list[str], responses: list[str], samples, scores,
+                 limit: int) -> None:
+    """``samples.jsonl``: what the reward model was given (prompt and response texts) and what it returned."""
+    import json
+
+    with (folder / "samples.jsonl").open("a") as f:
+        for prompt, response, sample, score in list(zip(prompts, responses, samples, scores))[:limit]:
+            f.write(json.dumps({"iteration": iteration, "prompt": prompt, "response": response,
+                                "response_ids": list(sample.response_ids), "reward": score}) + "\n")
 
 
 def _prompts(cfg: RLHFConfig, tokenizer) -> list[tuple[str, list[int]]]:

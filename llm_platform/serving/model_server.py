@@ -106,6 +106,25 @@ class _LoadedAdapter:
         await self.server.evict(self.ref)
 
 
+def render_chat(tokenizer, model_id: str, messages: list[dict], add_generation_prompt: bool = True,
+                continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a chat request's ``messages`` through the model's own chat template (transformers'
+    apply_chat_template): whatever the family (Llama-2, Llama-3, ChatML, ...), nothing here knows its markup."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SamplingError("messages", f"model {model_id} has no chat template; use /v1/completions")
+    kwargs = dict(chat_template_kwargs or {})
+    clash = {"messages", "add_generation_prompt", "continue_final_message", "tokenize"} & set(kwargs)
+    if clash:
+        raise SamplingError("chat_template_kwargs", f"may not set {sorted(clash)}; use the request fields")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message,
+                                             tokenize=False, **kwargs)
+    except Exception as exc:  # a template error (jinja raise_exception, bad kwargs) is the request's fault
+        raise SamplingError("messages", f"the chat template refused them: {exc}") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class ModelServer:
     def __init__(self, spec: dict, store_uri: str, sync_s: float = 1.0, secrets: Secrets | None = None):
         self.spec = ModelSpec.model_validate(spec)
@@ -256,20 +275,8 @@ class ModelServer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[int]:
-        """Token ids of ``messages`` through the model's chat template (transformers' apply_chat_template)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise SamplingError("messages", f"model {self.model_id} has no chat template; use /v1/completions")
-        kwargs = dict(chat_template_kwargs or {})
-        clash = {"messages", "add_generation_prompt", "continue_final_message", "tokenize"} & set(kwargs)
-        if clash:
-            raise SamplingError("chat_template_kwargs", f"may not set {sorted(clash)}; use the request fields")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      continue_final_message=continue_final_message,
-                                                      tokenize=False, **kwargs)
-        except Exception as exc:  # a template error (jinja raise_exception, bad kwargs) is the request's fault
-            raise SamplingError("messages", f"the chat template refused them: {exc}") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return render_chat(self.tokenizer, self.model_id, messages, add_generation_prompt, continue_final_message,
+                           chat_template_kwargs)
 
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool,
                        add_generation_prompt: bool, continue_final_message: bool,

@@ -95,3 +95,31 @@ def test_a_tokenizer_from_the_hub_is_fetched_without_the_weights(tiny_models, mo
     (_, tokenizer_files), (_, model_files) = asked
     assert "*.safetensors" not in tokenizer_files and "*.json" in tokenizer_files
     assert "*.safetensors" in model_files
+
+
+@pytest.mark.parametrize("family, bos, eos, stops", [
+    ("llama-2", "<s>", "</s>", ["</s>"]),
+    ("llama-3", "<|begin_of_text|>", "<|eot_id|>", ["<|end_of_text|>", "<|eot_id|>"]),
+    ("chatml", None, "<|im_end|>", ["<|im_end|>", "<|endoftext|>"]),
+])
+def test_build_tiny_with_a_real_family_template(tmp_path: Path, capsys, family, bos, eos, stops):
+    import json
+
+    from llm_platform.cli import main
+
+    main(["models", "build-tiny", "--out", str(tmp_path), "--chat-template", family, "--sizes", "tiny-s"])
+    assert "tiny-s" in capsys.readouterr().out and sorted(p.name for p in tmp_path.iterdir()) == ["tiny-s"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tiny-s")
+    assert (tok.bos_token, tok.eos_token) == (bos, eos)
+    assert tok.pad_token not in (None, eos)  # padding is never mistaken for the end of a reply
+    ids = tok("Hi", add_special_tokens=True).input_ids
+    assert (ids[0] == tok.bos_token_id) if bos else tok.decode(ids) == "Hi"  # ChatML (Qwen) adds no BOS
+    for marker in (*stops, *tok.all_special_tokens):  # special tokens are single tokens
+        assert len(tok(marker, add_special_tokens=False).input_ids) == 1
+    generation = json.loads((tmp_path / "tiny-s" / "generation_config.json").read_text())
+    end = generation["eos_token_id"]
+    assert (end if isinstance(end, list) else [end]) == tok.convert_tokens_to_ids(stops)
+    again = build_tiny_models(tmp_path / "again", chat_template=family, sizes=("tiny-s",))
+    assert checkpoint_digest(again["tiny-s"]) == checkpoint_digest(tmp_path / "tiny-s")
+    with pytest.raises(ValueError, match="chat template family 'vicuna'"):
+        build_tiny_models(tmp_path / "x", chat_template="vicuna")

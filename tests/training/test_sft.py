@@ -119,6 +119,8 @@ def test_other_methods_beat_the_untrained_model(method, ray_local, tiny_models, 
     print(f"{method}: accuracy {summary['eval_accuracy_before']:.3f} -> {summary['eval_accuracy']:.3f}")
     assert summary["eval_accuracy"] > summary["eval_accuracy_before"] + 0.1
     assert summary["eval_loss"] < summary["eval_loss_before"]
+    if method in ("qlora", "prompt_tuning"):  # every method learns the task on its local config (README table)
+        assert summary["eval_accuracy"] >= 0.9
     if method == "full":
         assert AutoModelForCausalLM.from_pretrained(tmp_path / "model") is not None
     else:
