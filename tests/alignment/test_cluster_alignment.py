@@ -1,6 +1,6 @@
-"""The reward model and PPO on the two-node cluster (tests/ray_cluster.py), chained through S3 as users
+"""The reward model, PPO and DPO on the two-node cluster (tests/ray_cluster.py), chained through S3 as users
 chain them on a cluster: the SFT model is read from ``s3://``, the reward job publishes its model to S3,
-PPO reads both by URI and publishes its outputs there. The drivers run where the test does (the head's
+PPO reads both by URI and publishes its outputs there; DPO starts from the same SFT model. The drivers run where the test does (the head's
 view of the disks); the training workers, the reward actor and the vLLM rollout actor run on the worker
 node, whose disk the drivers cannot see. The cluster's nodes have no S3 variables: the drivers' reach
 them through the jobs' runtime environment."""
@@ -37,7 +37,7 @@ def driver(ray_cluster, s3, module: str, *overrides: str) -> subprocess.Complete
     return run
 
 
-def test_reward_model_then_ppo_on_the_worker_node_chained_through_s3(ray_cluster, s3, sft_chat_model):
+def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray_cluster, s3, sft_chat_model):
     sft = s3.uri("sft-chat-model")
     fs, path = open_filesystem(sft)
     pafs.copy_files(str(sft_chat_model), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -63,6 +63,15 @@ def test_reward_model_then_ppo_on_the_worker_node_chained_through_s3(ray_cluster
     listed = set(s3.listing(ppo_out))
     assert {"config.yaml", "summary.json", "adapter/adapter_model.safetensors"} <= listed
     assert any(p.startswith("ray/") and "checkpoint_" in p for p in listed)  # PPO's checkpoints in the store
+
+    dpo_out = s3.uri("cluster-dpo")
+    driver(ray_cluster, s3, "train_jobs.dpo", "--config", "train_jobs/configs/local_dpo.yaml", f"model={sft}",
+           f"output_dir={dpo_out}", "optim.max_steps=6", "optim.save_every=3", "data.eval_limit=32")
+    dpo_summary = json.loads(s3.read(f"{dpo_out}/summary.json"))
+    assert dpo_summary["output"] == f"{dpo_out}/adapter"
+    listed = set(s3.listing(dpo_out))
+    assert {"config.yaml", "metrics.jsonl", "adapter/adapter_model.safetensors"} <= listed
+    assert any(p.startswith("ray/") and "checkpoint_" in p for p in listed)
 
     result = ray_cluster.python(ACTORS)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -5,6 +5,7 @@ node, whose temp folder and output root are private to it; the cluster's nodes h
   job's runtime environment, ``output_dir`` (and so Ray Train's storage) is on S3. The worker is
   SIGKILLed mid-run: Ray Train restarts the group, which resumes from the last checkpoint, downloaded
   from S3, and finishes; every output ends in S3, and the worker's staging folder is removed.
+- Full fine-tuning sharded (FSDP) over two workers on the worker node publishes the whole model to S3.
 - A local ``output_dir`` that the worker node cannot see fails at once, saying what to use instead."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,6 +98,34 @@ def test_submitted_job_on_the_worker_node_survives_a_kill_and_publishes_everythi
     assert any(p.startswith("ray/sft-lora/checkpoint_") for p in listed)  # Ray Train's storage: OUTPUT_DIR/ray
     assert not [p for p in listed if p.startswith(".llmp-run-")]  # the driver's marker is gone
     assert ray_cluster.worker_files(staging) == []  # the worker's staging folder was uploaded, then removed
+
+
+def test_full_fine_tuning_sharded_over_two_workers_publishes_the_model_to_s3(ray_cluster, s3, tiny_models):
+    from safetensors import safe_open
+
+    out = s3.uri("cluster-fsdp")
+    run = subprocess.run([sys.executable, "-m", "train_jobs.sft", "--config", "train_jobs/configs/local_full.yaml",
+                          f"model={tiny_models['tiny-s']}", f"output_dir={out}", "scaling.num_workers=2",
+                          "scaling.cpus_per_worker=1", "optim.max_steps=6", "optim.save_every=3", "optim.log_every=2",
+                          "data.eval_limit=16"],
+                         cwd=REPO, env={**ray_cluster.env, **s3.env}, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    summary = json.loads(s3.read(f"{out}/summary.json"))
+    assert summary["output"] == f"{out}/model" and summary["steps"] == 6
+    # Each worker held half of the parameters while training ...
+    assert len(summary["param_bytes_by_rank"]) == 2
+    assert max(summary["param_bytes_by_rank"]) < 0.6 * summary["param_bytes_total"]
+    listed = s3.listing(out)
+    assert {"config.yaml", "metrics.jsonl", "model/config.json"} <= set(listed)
+    # ... and the published model is whole: every tensor of the base, at full size, gathered from both shards.
+    local = s3.download(f"{out}/model", Path(tempfile.mkdtemp()) / "model")
+    saved = {}
+    for file in local.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            saved |= {k: f.get_slice(k).get_shape() for k in f.keys()}
+    with safe_open(str(tiny_models["tiny-s"] / "model.safetensors"), "pt") as f:
+        base = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert {k: v for k, v in saved.items() if k in base} == base
 
 
 def test_a_local_output_dir_the_worker_node_cannot_see_fails_at_once_with_what_to_use(ray_cluster, tiny_models):
