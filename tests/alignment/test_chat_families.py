@@ -125,8 +125,9 @@ def test_reward_and_dpo_trainers_render_pairs_with_the_family_template(family_mo
 
 
 @pytest.mark.slow
-def test_ppo_reward_actor_scores_the_prompt_and_the_policy_response_as_text(ray_local, family_models, tmp_path):
-    """One PPO iteration on the Llama-3 family: samples.jsonl holds what the reward actor was given. Each prompt is
+@pytest.mark.parametrize("name", CHAT_FAMILIES)
+def test_ppo_reward_actor_scores_the_prompt_and_the_policy_response_as_text(ray_local, family_models, name, tmp_path):
+    """One PPO iteration per family: samples.jsonl holds what the reward actor was given. Each prompt is
     the dataset's text exactly and each response the decoded tokens the policy sampled, with no template markup,
     and the logged reward is the reward model's score of exactly that pair."""
     from transformers import AutoModelForSequenceClassification
@@ -137,7 +138,7 @@ def test_ppo_reward_actor_scores_the_prompt_and_the_policy_response_as_text(ray_
     from llm_platform.config import load_config
     from tests.alignment.conftest import CONFIGS
 
-    family, policy = FAMILIES["llama-3"], family_models["llama-3"]
+    family, policy = FAMILIES[name], family_models[name]
     tokenizer = AutoTokenizer.from_pretrained(policy)
     reward_path = tmp_path / "reward"
     torch.manual_seed(0)  # a fresh score head: the hand-off is under test, not what the reward model learnt
@@ -155,7 +156,8 @@ def test_ppo_reward_actor_scores_the_prompt_and_the_policy_response_as_text(ray_
 
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert sorted(r["prompt"] for r in rows) == sorted(prompts)
-    stops = set(json.loads((policy / "generation_config.json").read_text())["eos_token_id"])
+    eos = json.loads((policy / "generation_config.json").read_text())["eos_token_id"]
+    stops = set(eos if isinstance(eos, list) else [eos])  # Llama-2 has one stop token, given as an int
     for r in rows:
         ids = r["response_ids"]
         assert not stops & set(ids[:-1])  # generation stopped at the first end-of-turn/end-of-text token
