@@ -207,7 +207,10 @@ def _bench_serve(args) -> None:
     print(f"\nat {summary['clients']} clients: platform_vs_engine={summary['platform_vs_engine']:.2f} "
           f"(goal >= 0.9)  single_adapter_vs_base={summary['single_adapter_vs_base']:.2f} (goal >= 0.9)  "
           f"mixed_adapters_vs_base={summary['mixed_adapters_vs_base']:.2f} (goal >= 0.8)  "
-          f"platform_vs_naive={summary['platform_vs_naive']:.2f} (goal >= 3)")
+          f"platform_vs_naive={summary['platform_vs_naive']:.2f} (goal >= 3)\n"
+          f"platform_vs_vllm_serve={summary['platform_vs_vllm_serve']:.2f} (goal >= 0.9)  "
+          f"platform_vs_vllm_serve_mixed_adapters={summary['platform_vs_vllm_serve_mixed_adapters']:.2f} "
+          f"(goal >= 0.9)")
     if args.json:
         write_json(args.json, summary)
     if args.plot:

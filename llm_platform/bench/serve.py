@@ -4,7 +4,10 @@ Systems, all on the same requests (tiny-l by default, prompts and output lengths
   engine   the vLLM engine called in-process (the ceiling)
   platform the platform over HTTP (Ray Serve ingress → model deployment → vLLM)
   naive    transformers + PEFT serving one request at a time (the baseline)
-and the platform with one LoRA adapter, and with 8 mixed into one stream, versus the base model only.
+  vllm-serve  vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``, LoRA enabled,
+              the same engine settings): what users would run instead of the platform
+and the platform with one LoRA adapter, and with 8 mixed into one stream, versus the base model only
+(vLLM's server too, with the same 8 adapters).
 
     llmp bench serve [--clients 1 8 32] [--json out.json] [--plot out.png]
 """
@@ -101,30 +104,78 @@ async def bench_engine(kind: str, model: str, clients: list[int], requests_for) 
         engine.shutdown()
 
 
-async def bench_http(url: str, headers: dict, clients: list[int], requests_for, mixed: int) -> list[Run]:
+def platform_model(job: Job) -> str:
+    return "tiny-l" + job.model_suffix  # the platform's ids: tiny-l, tiny-l:bench-3
+
+
+def vllm_model(job: Job) -> str:
+    return job.model_suffix[1:] or "tiny-l"  # vLLM's server names LoRA modules on their own: bench-3
+
+
+async def bench_http(url: str, headers: dict, clients: list[int], requests_for, mixed: int,
+                     name: str = "platform", model=platform_model, single: bool = True) -> list[Run]:
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
                                  limits=httpx.Limits(max_connections=256)) as http:
         async def call(job: Job) -> int:
             response = await http.post("/v1/completions", json={
-                "model": "tiny-l" + job.model_suffix, "prompt": job.prompt, "max_tokens": job.max_tokens,
-                "temperature": 0})
+                "model": model(job), "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0})
             response.raise_for_status()
             return response.json()["usage"]["completion_tokens"]
 
-        await drive("platform", 2, workload(4, seed=99), call)
-        await drive("platform", 8, workload(16, seed=98, adapters=mixed), call)  # loads every adapter once
+        await drive(name, 2, workload(4, seed=99), call)
+        await drive(name, 8, workload(16, seed=98, adapters=mixed), call)  # loads every adapter once
         runs = []
         for c in clients:
-            runs.append(await drive("platform", c, workload(requests_for("platform", c), seed=c), call))
-            print(f"  platform  clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
+            runs.append(await drive(name, c, workload(requests_for("platform", c), seed=c), call))
+            print(f"  {name:9s} clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
         c = max(clients)
-        single = [Job(j.prompt, j.max_tokens, ":bench-0") for j in workload(requests_for("platform", c), seed=c)]
-        runs.append(await drive("platform+1lora", c, single, call))
-        print(f"  platform+1 LoRA  clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
-        runs.append(await drive(f"platform+{mixed}lora", c, workload(requests_for("platform", c), seed=c,
-                                                                      adapters=mixed), call))
-        print(f"  platform+{mixed} LoRAs clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
+        if single:
+            one = [Job(j.prompt, j.max_tokens, ":bench-0") for j in workload(requests_for("platform", c), seed=c)]
+            runs.append(await drive(f"{name}+1lora", c, one, call))
+            print(f"  {name}+1 LoRA  clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
+        runs.append(await drive(f"{name}+{mixed}lora", c, workload(requests_for("platform", c), seed=c,
+                                                                    adapters=mixed), call))
+        print(f"  {name}+{mixed} LoRAs clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
         return runs
+
+
+def bench_vllm_server(base: str, adapters: list[Path], clients: list[int], requests_for, work: Path) -> list[Run]:
+    """vLLM's own OpenAI server on the same model, engine settings and adapters, driven by the same client."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from llm_platform.serving.process import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base,
+               "--served-model-name", "tiny-l", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-model-len", "1024", "--max-num-seqs", "64", "--seed", "0", "--enable-lora",
+               "--max-loras", str(len(adapters)), "--max-cpu-loras", str(2 * len(adapters)), "--max-lora-rank", "64",
+               "--disable-log-stats", "--lora-modules", *[f"bench-{i}={path}" for i, path in enumerate(adapters)]]
+    log = (work / "vllm-serve.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM's server did not start; see {work / 'vllm-serve.log'}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        return asyncio.run(bench_http(f"http://127.0.0.1:{port}", {}, [max(clients)], requests_for, len(adapters),
+                                      name="vllm-serve", model=vllm_model, single=False))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
 
 
 def make_adapters(base: Path, out: Path, count: int) -> list[Path]:
@@ -154,11 +205,11 @@ def run(models_dir: str, clients: list[int], workdir: str | None = None) -> dict
         return 12 if system == "naive" else max(16, 2 * c)
 
     mixed = 8
-    print("[1/3] naive baseline: transformers + PEFT, one request at a time", flush=True)
+    print("[1/4] naive baseline: transformers + PEFT, one request at a time", flush=True)
     runs = asyncio.run(bench_engine("transformers", base, clients, requests_for))
-    print("[2/3] vLLM engine in-process", flush=True)
+    print("[2/4] vLLM engine in-process", flush=True)
     runs += asyncio.run(bench_engine("vllm", base, clients, requests_for))
-    print("[3/3] the platform over HTTP (Ray Serve)", flush=True)
+    print("[3/4] the platform over HTTP (Ray Serve)", flush=True)
     server = ServerProcess({
         "adapter_store": str(work / "store"), "allow_unauthenticated_admin": True,
         "adapter_sources": [str((work / "adapters").resolve())],
@@ -166,13 +217,16 @@ def run(models_dir: str, clients: list[int], workdir: str | None = None) -> dict
                     "engine": {"model": base, "kind": "vllm", "max_model_len": 1024, "max_loras": mixed,
                                "max_cpu_loras": 2 * mixed}}]}, work)
     server.start()
+    adapters = make_adapters(Path(base), work / "adapters", mixed)
     try:
-        for i, path in enumerate(make_adapters(Path(base), work / "adapters", mixed)):
+        for i, path in enumerate(adapters):
             httpx.post(f"{server.url}/v1/adapters", timeout=60, json={
                 "name": f"bench-{i}", "base": "tiny-l", "kind": "lora", "source": str(path)}).raise_for_status()
         runs += asyncio.run(bench_http(server.url, {}, clients, requests_for, mixed))
     finally:
         server.stop()
+    print("[4/4] vLLM's own OpenAI server (what users would run instead)", flush=True)
+    runs += bench_vllm_server(base, adapters, clients, requests_for, work)
     return summarize(runs, max(clients), mixed)
 
 
@@ -189,6 +243,8 @@ def summarize(runs: list[Run], top: int, mixed: int) -> dict:
         "single_adapter_vs_base": ratio("platform+1lora", "platform"),
         "mixed_adapters_vs_base": ratio(f"platform+{mixed}lora", "platform"),
         "platform_vs_naive": ratio("platform", "naive"),
+        "platform_vs_vllm_serve": ratio("platform", "vllm-serve"),
+        "platform_vs_vllm_serve_mixed_adapters": ratio(f"platform+{mixed}lora", f"vllm-serve+{mixed}lora"),
         "latency_s": {f"{r['system']}@{r['clients']}": {"p50": r["p50_s"], "p99": r["p99_s"]} for r in rows},
         "clients": top,
     }
