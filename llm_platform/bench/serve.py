@@ -146,7 +146,7 @@ def bench_vllm_server(base: str, adapters: list[Path], clients: list[int], reque
     import subprocess
     import sys
 
-    from llm_platform.serving.process import free_port
+    from llm_platform.serving.process import free_port, wait_healthy
 
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base,
@@ -154,20 +154,12 @@ def bench_vllm_server(base: str, adapters: list[Path], clients: list[int], reque
                "--max-model-len", "1024", "--max-num-seqs", "64", "--seed", "0", "--enable-lora",
                "--max-loras", str(len(adapters)), "--max-cpu-loras", str(2 * len(adapters)), "--max-lora-rank", "64",
                "--disable-log-stats", "--lora-modules", *[f"bench-{i}={path}" for i, path in enumerate(adapters)]]
-    log = (work / "vllm-serve.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    log = work / "vllm-serve.log"
+    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM's server did not start; see {work / 'vllm-serve.log'}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
+        if not wait_healthy(server, f"http://127.0.0.1:{port}/health", 600, log):
+            raise TimeoutError(f"vLLM's server was not healthy after 600 s; see {log}")
         return asyncio.run(bench_http(f"http://127.0.0.1:{port}", {}, [max(clients)], requests_for, len(adapters),
                                       name="vllm-serve", model=vllm_model, single=False))
     finally:

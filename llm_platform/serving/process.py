@@ -20,6 +20,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(process: subprocess.Popen, health_url: str, timeout: float, log: Path) -> bool:
+    """Poll ``health_url`` until it answers 200 (True) or ``timeout`` passes (False); raise if the
+    server process exits first (its output is in ``log``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    return False
+
+
 class ServerProcess:
     def __init__(self, config: dict, workdir: Path, env: dict | None = None):
         self.workdir = Path(workdir)
@@ -39,18 +55,9 @@ class ServerProcess:
              "--metrics-port", str(self.metrics_port)],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        self.stop()
-        raise TimeoutError(f"server not healthy after {timeout}s; see {self.log}")
+        if not wait_healthy(self.process, f"{self.url}/healthz", timeout, self.log):
+            self.stop()
+            raise TimeoutError(f"server not healthy after {timeout}s; see {self.log}")
 
     def stop(self) -> int:
         """SIGTERM, as a process manager would; the server shuts down Serve and Ray and exits 0."""
