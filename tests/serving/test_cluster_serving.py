@@ -52,9 +52,9 @@ def cluster_server(ray_cluster, s3, tiny_models, tmp_path_factory):
     server.stop()
 
 
-def register(server, name, source) -> httpx.Response:
+def register(server, name, source, kind="lora") -> httpx.Response:
     return httpx.post(f"{server.url}/v1/adapters", headers=ADMIN, timeout=120,
-                      json={"name": name, "base": "tiny-s", "kind": "lora", "source": str(source)})
+                      json={"name": name, "base": "tiny-s", "kind": kind, "source": str(source)})
 
 
 def complete(server, model) -> httpx.Response:
@@ -69,14 +69,18 @@ def upload(local: Path, uri: str) -> str:
 
 
 def test_adapter_lifecycle_on_the_worker_node_with_an_s3_store(cluster_server, ray_cluster, s3, tiny_models,
-                                                                engines, loop, tmp_path):
+                                                                adapters, engines, loop, tmp_path):
     loras = {tag: make_lora(tiny_models["tiny-s"], tmp_path / tag, seed=seed)
              for tag, seed in (("v1", 301), ("v2", 302), ("v3", 303))}
     engine = engines("tiny-s", "transformers")
     expected = {tag: loop.run(engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24),
                                               AdapterRef(f"s3-test-{tag}", "lora", str(path)))).choices[0].text
                 for tag, path in loras.items()}
-    assert len(set(expected.values())) == 3
+    soft_prompt = adapters["tiny-s"]["soft_prompt"]
+    expected["soft"] = loop.run(engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24),
+                                                AdapterRef("s3-test-soft", "soft_prompt", str(soft_prompt)))
+                                ).choices[0].text
+    assert len(set(expected.values())) == 4
 
     # Register from an s3:// source; the replicas run on the worker node, which cached it on its own disk.
     first = register(cluster_server, "a", upload(loras["v1"], f"{cluster_server.sources}/v1"))
@@ -129,15 +133,20 @@ def test_adapter_lifecycle_on_the_worker_node_with_an_s3_store(cluster_server, r
     assert again.json()["version"] > 2
     assert complete(cluster_server, "tiny-s:a").json()["choices"][0]["text"] == expected["v3"]
 
+    # A soft prompt beside the LoRAs; it survives the restart as they do.
+    assert register(cluster_server, "soft", soft_prompt, kind="soft_prompt").status_code == 201
+    assert complete(cluster_server, "tiny-s:soft").json()["choices"][0]["text"] == expected["soft"]
+
     # Everything lives in the bucket (records and files); a restarted server serves it.
     fs, root = open_filesystem(cluster_server.store)
     files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
     # a's v1 and v2 were pruned once v4 came (behind the deletion): only the three current folders remain
-    assert sum(f.endswith("adapter_model.safetensors") for f in files) == 3
+    assert sum(f.endswith("adapter_model.safetensors") for f in files) == 3 + 1  # + the soft prompt
     assert cluster_server.stop() == 0
     cluster_server.start()
     models = {m["id"]: m for m in httpx.get(f"{cluster_server.url}/v1/models", timeout=30).json()["data"]}
-    assert {"tiny-s:a", "tiny-s:b", "tiny-s:c"} <= set(models)
+    assert {"tiny-s:a", "tiny-s:b", "tiny-s:c", "tiny-s:soft"} <= set(models)
     assert models["tiny-s:a"]["version"] == again.json()["version"]
     assert complete(cluster_server, "tiny-s:a").json()["choices"][0]["text"] == expected["v3"]
     assert complete(cluster_server, "tiny-s:b").json()["choices"][0]["text"] == expected["v3"]
+    assert complete(cluster_server, "tiny-s:soft").json()["choices"][0]["text"] == expected["soft"]

@@ -181,20 +181,6 @@ def test_platform_metrics_reach_rays_prometheus_endpoint(server, client):
     assert any(line.startswith("ray_llmp_generated_tokens") and 'model="tiny-l"' in line for line in text.splitlines())
 
 
-def test_restart_keeps_registered_adapters(server, adapters, engines, loop):
-    assert register(server, "durable", "tiny-s", "soft_prompt", adapters["tiny-s"]["soft_prompt"]).status_code == 201
-    assert server.stop() == 0
-    server.start()
-    # A new client, as after any restart: pooled keep-alive connections went to the old proxy.
-    client = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-    models = {m.id for m in client.models.list().data}
-    assert "tiny-s:durable" in models
-    expected = reference(engines, loop, "tiny-s", adapter=AdapterRef("d", "soft_prompt",
-                                                                    str(adapters["tiny-s"]["soft_prompt"])))
-    got = client.completions.create(model="tiny-s:durable", prompt=PROMPT, max_tokens=24, temperature=0)
-    assert got.choices[0].text == expected.text
-
-
 def test_closed_by_default_authenticates_before_parsing_and_bounds_bodies(server):
     url, user = server.url, server.user()
     # Wrong or missing keys are refused before the body is read: no field errors leak to strangers.

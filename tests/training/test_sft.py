@@ -74,11 +74,14 @@ def test_lora_adapter_answers_through_vllm(lora_run, tiny_models, engines, loop)
 
 
 @pytest.mark.slow
-def test_fsdp_shards_add_up_and_two_workers_match_one(ray_local, tiny_models, tmp_path):
+def test_fsdp_shards_add_up_and_two_accumulating_workers_match_one(ray_local, tiny_models, tmp_path):
     common = ["optim.max_steps=12", "optim.log_every=3", "optim.save_every=0", "data.eval_limit=32",
               "optim.learning_rate=1e-3"]
     one = run_sft("local_full.yaml", tiny_models["tiny-s"], tmp_path / "one", *common)
-    two = run_sft("local_full.yaml", tiny_models["tiny-s"], tmp_path / "two", *common, "scaling.num_workers=2")
+    # Two workers, each worker's share in two micro-batches (gradients reduce-scattered only after the
+    # second), layers checkpointed: the same training as one worker's plain steps.
+    two = run_sft("local_full.yaml", tiny_models["tiny-s"], tmp_path / "two", *common, "scaling.num_workers=2",
+                  "optim.gradient_accumulation_steps=2", "gradient_checkpointing=true")
     assert two["sharding"] == "fsdp" and one["sharding"] == "none"
     assert sum(two["param_bytes_by_rank"]) == two["param_bytes_total"] == one["param_bytes_total"]
     assert max(two["param_bytes_by_rank"]) < 0.6 * two["param_bytes_total"]
@@ -87,13 +90,6 @@ def test_fsdp_shards_add_up_and_two_workers_match_one(ray_local, tiny_models, tm
     assert losses_one[-1] < losses_one[0] / 2
     assert losses_two == pytest.approx(losses_one, rel=2e-3)
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=2e-3)
-
-    # Each worker's share in two micro-batches (gradients reduce-scattered only after the second), layers
-    # checkpointed: the same training.
-    accumulated = run_sft("local_full.yaml", tiny_models["tiny-s"], tmp_path / "acc", *common, "scaling.num_workers=2",
-                          "optim.gradient_accumulation_steps=2", "gradient_checkpointing=true")
-    assert [r["loss"] for r in metric_rows(tmp_path / "acc")] == pytest.approx(losses_two, rel=1e-3)
-    assert accumulated["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-3)
 
     # bf16 under FSDP is mixed precision (float32 master weights, bf16 compute, float32 reduction): it
     # learns as float32 does, within bf16's rounding, and saves bf16 weights.
