@@ -1,11 +1,15 @@
 """Real chat template families (Llama-2, Llama-3, ChatML/Qwen) through the chain: SFT's loss mask on multi-turn
-conversations, the reward and DPO trainers' tokenization of conversational pairs, the PPO reward hand-off and
-serving chat. The models are tiny-s built with each family's template and special tokens (``family_models``)."""
+conversations, the reward and DPO trainers' tokenization of conversational pairs, then one real chain per family,
+each stage started from the previous job's output: SFT on multi-turn ``messages`` → reward model on conversational
+pairs → PPO → the PPO policy served over HTTP and chatted with through the OpenAI client. The models are tiny-s
+built with each family's template and special tokens (``family_models``)."""
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,46 +128,144 @@ def test_reward_and_dpo_trainers_render_pairs_with_the_family_template(family_mo
         assert scorer.token_ids(prompt, reply) == ids
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", CHAT_FAMILIES)
-def test_ppo_reward_actor_scores_the_prompt_and_the_policy_response_as_text(ray_local, family_models, name, tmp_path):
-    """One PPO iteration per family: samples.jsonl holds what the reward actor was given. Each prompt is
-    the dataset's text exactly and each response the decoded tokens the policy sampled, with no template markup,
-    and the logged reward is the reward model's score of exactly that pair."""
-    from transformers import AutoModelForSequenceClassification
+# -- one chain per family: SFT -> reward model -> PPO -> serving chat over HTTP ----------------------------------
+# Tiny budgets: the point is each family's template handled end to end by the real jobs, not what they learn.
+# Only SFT gets enough steps (40, a few seconds) to learn the conversations' shape, so that the served policy's
+# replies end on the family's end-of-turn token by themselves.
 
-    from llm_platform.alignment import rlhf_job as rlhf
+TOPICS = ["saving money", "cooking", "running", "tea", "gardening", "reading", "sleep", "painting", "music", "travel"]
+
+
+def chat_rows(n: int, seed: int) -> list[dict]:
+    """Multi-turn conversations with a system prompt: two polite, short assistant replies each."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        first, second = rng.sample(TOPICS, 2)
+        rows.append({"messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Can you help me with {first}?"},
+            {"role": "assistant", "content": f"Happy to help with {first}."},
+            {"role": "user", "content": f"And with {second}?"},
+            {"role": "assistant", "content": f"Of course, gladly. {second.capitalize()} too."}]})
+    return rows
+
+
+def pair_rows(n: int, seed: int) -> list[dict]:
+    """Conversational preference pairs (TRL's explicit-prompt form): a multi-turn prompt with a system turn, a
+    polite reply chosen over a curt one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        first, second = rng.sample(TOPICS, 2)
+        rows.append({"prompt": [{"role": "system", "content": SYSTEM},
+                                {"role": "user", "content": f"Can you help me with {first}?"},
+                                {"role": "assistant", "content": f"Happy to help with {first}."},
+                                {"role": "user", "content": f"And with {second}?"}],
+                     "chosen": [{"role": "assistant", "content": f"Of course, gladly. {second.capitalize()} too."}],
+                     "rejected": [{"role": "assistant", "content": rng.choice(["No.", "Figure it out yourself."])}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+PPO_PROMPTS = ["Can you help me with saving money?", "  How do I start running?\n", "What tea should I buy?",
+               "Any advice on cooking rice?"]  # the second keeps surrounding whitespace: carried, not re-parsed
+
+
+@dataclass
+class Chain:
+    root: Path
+    sft: dict
+    reward: dict
+    ppo: dict
+
+
+def run_chain(name: str, base: Path, root: Path) -> Chain:
+    """The three jobs, as a user runs them, each started from the ``output`` of the previous job's summary."""
+    from llm_platform.alignment import reward_job, rlhf_job
     from llm_platform.alignment.config import RLHFConfig
-    from llm_platform.alignment.reward import RewardScorer
     from llm_platform.config import load_config
+    from llm_platform.training import sft_job
+    from llm_platform.training.config import SFTConfig
     from tests.alignment.conftest import CONFIGS
 
-    family, policy = FAMILIES[name], family_models[name]
-    tokenizer = AutoTokenizer.from_pretrained(policy)
-    reward_path = tmp_path / "reward"
-    torch.manual_seed(0)  # a fresh score head: the hand-off is under test, not what the reward model learnt
-    AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1).save_pretrained(reward_path)
-    tokenizer.save_pretrained(reward_path)
-    prompts = ["Can you help me with saving money?", "  How do I start running?\n", "What tea should I buy?",
-               "Any advice on cooking rice?"]  # the second keeps surrounding whitespace: carried, not re-parsed
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    cfg = load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml", [
-        f"policy_model={policy}", f"reward_model={reward_path}", f"output_dir={tmp_path / 'out'}",
-        f"prompts={tmp_path / 'prompts.jsonl'}", "rollout.engine=transformers", "ppo.iterations=1",
-        "ppo.prompts_per_iteration=4", "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.log_samples=4",
-        "sampling.max_tokens=12", "ppo.save_every=1"])
-    rlhf.main(cfg)
+    chats = write_jsonl(root / "data" / "chats.jsonl", chat_rows(160, seed=0))
+    pairs = root / "data" / "pairs"
+    write_jsonl(pairs / "train.jsonl", pair_rows(64, seed=1))
+    write_jsonl(pairs / "test.jsonl", pair_rows(16, seed=2))
+    prompts = write_jsonl(root / "data" / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
+    quiet = ["tracking.report_to=[]"]
 
-    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
-    assert sorted(r["prompt"] for r in rows) == sorted(prompts)
-    eos = json.loads((policy / "generation_config.json").read_text())["eos_token_id"]
-    stops = set(eos if isinstance(eos, list) else [eos])  # Llama-2 has one stop token, given as an int
+    sft = sft_job.main(load_config(SFTConfig, CONFIGS / "local_sft_chat.yaml", [
+        f"model={base}", f"output_dir={root / 'sft'}", f"run_name=sft-{name}", f"data.source={chats}", "data.task=null",
+        "data.eval_limit=16", "optim.max_steps=40", "optim.log_every=10", "optim.save_every=0", *quiet]))
+    reward = reward_job.main(load_config(reward_job.RewardJobConfig, CONFIGS / "local_reward.yaml", [
+        f"model={sft['output']}", f"output_dir={root / 'reward'}", f"run_name=reward-{name}", f"data.source={pairs}",
+        "optim.max_steps=4", "optim.log_every=2", "optim.save_every=0", *quiet]))
+    ppo = rlhf_job.main(load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml", [
+        f"policy_model={sft['output']}", f"reward_model={reward['output']}", f"output_dir={root / 'ppo'}",
+        f"run_name=ppo-{name}", f"prompts={prompts}", "rollout.engine=transformers", "ppo.iterations=1",
+        "ppo.prompts_per_iteration=4", "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.log_samples=4",
+        "sampling.max_tokens=12", "ppo.save_every=1", *quiet]))
+    return Chain(root, sft, reward, ppo)
+
+
+@pytest.fixture(scope="module")
+def chains(ray_local, family_models, tmp_path_factory):
+    """``chains(family)``: that family's chain, run on first use (the serving test needs all three)."""
+    done: dict[str, Chain] = {}
+
+    def get(name: str) -> Chain:
+        if name not in done:
+            done[name] = run_chain(name, family_models[name], tmp_path_factory.mktemp(f"chain-{name}"))
+        return done[name]
+
+    return get
+
+
+def stop_tokens(model: Path) -> list[int]:
+    eos = json.loads((Path(model) / "generation_config.json").read_text())["eos_token_id"]
+    return eos if isinstance(eos, list) else [eos]  # Llama-2 has one stop token, given as an int
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CHAT_FAMILIES)
+def test_chain_sft_reward_ppo_on_the_family_template(chains, family_models, name):
+    """SFT on multi-turn ``messages`` → the reward model trained from the SFT model on conversational pairs → PPO
+    from the SFT model with that reward model. PPO's samples.jsonl holds what the reward actor was given: each
+    prompt is the dataset's text exactly and each response the decoded tokens the policy sampled, with no template
+    markup, and the logged reward is the reward model's score of exactly that pair."""
+    import yaml
+
+    from llm_platform.alignment.reward import RewardScorer
+
+    chain, family = chains(name), FAMILIES[name]
+    sft_model, reward_model = Path(chain.sft["output"]), Path(chain.reward["output"])
+    assert chain.sft["eval_loss"] < chain.sft["eval_loss_before"] / 2  # the conversations were learnt
+    tokenizer = AutoTokenizer.from_pretrained(sft_model)  # the SFT model carries the family's template and stops
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(family_models[name]).chat_template
+    assert stop_tokens(sft_model) == stop_tokens(family_models[name])
+    assert yaml.safe_load((chain.root / "reward" / "config.yaml").read_text())["model"] == str(sft_model)
+    ppo_config = yaml.safe_load((chain.root / "ppo" / "config.yaml").read_text())
+    assert (ppo_config["policy_model"], ppo_config["reward_model"]) == (str(sft_model), str(reward_model))
+    assert chain.reward["eval_examples"] == 16 and chain.ppo["iterations"] == 1
+    assert (Path(chain.ppo["output"]) / "adapter_config.json").exists()
+
+    rows = [json.loads(line) for line in (chain.root / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt"] for r in rows) == sorted(PPO_PROMPTS)
+    stops = set(stop_tokens(sft_model))
     for r in rows:
         ids = r["response_ids"]
         assert not stops & set(ids[:-1])  # generation stopped at the first end-of-turn/end-of-text token
-        assert r["response"] == tokenizer.decode(ids, skip_special_tokens=True)
+        # The engine holds back the bytes of a character cut by max_tokens, which decode shows as U+FFFD.
+        assert r["response"] == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
         assert not any(marker in r["response"] for marker in family.markers)
-    scorer = RewardScorer(str(reward_path))
+    scorer = RewardScorer(str(reward_model))
     rescored = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
     assert rescored == pytest.approx([r["reward"] for r in rows], abs=1e-4)
     # What the reward model read: the user's text and the response, once each, in the family's turns.
@@ -172,40 +274,83 @@ def test_ppo_reward_actor_scores_the_prompt_and_the_policy_response_as_text(ray_
         tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 
+@pytest.fixture(scope="module")
+def policy_server(chains, tmp_path_factory):
+    """One `llmp serve` for the three families: each family's SFT model as a base (its id is the family's name),
+    with that family's PPO adapter registered over the admin API as ``FAMILY:ppo``."""
+    import httpx
+
+    from tests.serving.conftest import ADMIN_KEY, API_KEY, Server
+
+    done = {name: chains(name) for name in CHAT_FAMILIES}
+    root = tmp_path_factory.mktemp("family-server")
+    config = {"adapter_store": str(root / "store"), "adapter_sources": [str(tmp_path_factory.getbasetemp())],
+              "models": [{"id": name, "num_cpus": 0.5, "max_adapters": 1,
+                          "engine": {"model": chain.sft["output"], "kind": "vllm", "max_model_len": 256,
+                                     "cpu_kv_cache_gib": 0.25, "enable_soft_prompts": False, "max_loras": 1,
+                                     "max_lora_rank": 8}}
+                         for name, chain in done.items()]}
+    server = Server(config, root, env={"LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_API_KEY": API_KEY})
+    server.start()
+    try:
+        for name, chain in done.items():
+            answer = httpx.post(f"{server.url}/v1/adapters", headers=server.admin(), timeout=60, json={
+                "name": "ppo", "base": name, "kind": "lora", "source": chain.ppo["output"]})
+            assert answer.status_code == 201, answer.text
+        yield server
+    finally:
+        server.stop()
+
+
+def greedy_reference(chain: Chain, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """The PPO policy (SFT model + the PPO job's adapter) decoding greedily in transformers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(chain.sft["output"])
+    model = PeftModel.from_pretrained(base, chain.ppo["output"]).eval()
+    pad = AutoTokenizer.from_pretrained(chain.sft["output"]).pad_token_id
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=stop_tokens(Path(chain.sft["output"])), pad_token_id=pad)
+    return out[0, len(prompt_ids):].tolist()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CHAT_FAMILIES)
-def test_serving_chat_renders_the_family_template_and_stops_at_its_end_of_turn(family_models, loop, name):
-    """vLLM behind the serving chat path (the same render_chat the chat endpoint uses): the prompt is the family's
-    rendering, and every token in the model's generation config ends a reply; replies carry no template markup."""
-    from llm_platform.engine import EngineConfig, SamplingParams, build_engine
-    from llm_platform.serving.model_server import render_chat
+def test_served_ppo_policy_chats_in_the_family_template_over_http(policy_server, chains, name):
+    """The PPO policy behind the OpenAI-compatible endpoint: the chat is rendered with the family's template (the
+    system prompt in its markup), the reply is the policy's own greedy reply and ends on the family's end-of-turn
+    token by itself, and each stop token in the model's generation config ends a reply; no reply carries markup."""
+    import httpx
+    from openai import OpenAI
 
-    family, path = FAMILIES[name], family_models[name]
-    stops = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
-    stops = stops if isinstance(stops, list) else [stops]
+    from tests.serving.conftest import API_KEY
 
-    async def start():
-        return build_engine(EngineConfig(model=str(path), kind="vllm", max_model_len=256, cpu_kv_cache_gib=0.25))
+    chain, family = chains(name), FAMILIES[name]
+    tokenizer = AutoTokenizer.from_pretrained(chain.sft["output"])
+    client = OpenAI(base_url=f"{policy_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    model, messages = f"{name}:ppo", CONVERSATION[:4]
+    assert model in [m.id for m in client.models.list().data]
 
-    engine = loop.run(start())
-    try:
-        tokenizer = engine.tokenizer
-        ids = render_chat(tokenizer, name, CONVERSATION[:4])
-        expected = tokenizer.apply_chat_template(CONVERSATION[:4], tokenize=False, add_generation_prompt=True)
-        assert tokenizer.decode(ids) == expected and family.system.format(SYSTEM) in expected
-        assert expected.endswith(family.header.rstrip(" "))
+    rendered = httpx.post(f"{policy_server.url}/tokenize", headers=policy_server.user(), timeout=60,
+                          json={"model": model, "messages": messages}).json()["tokens"]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(rendered) == expected and family.system.format(SYSTEM) in expected
+    assert expected.endswith(family.header.rstrip(" "))
 
-        async def ask(params):
-            return (await engine.generate(ids, params)).choices[0]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
+    choice, stops = chat.choices[0], stop_tokens(Path(chain.sft["output"]))
+    reference = greedy_reference(chain, rendered, 24)
+    assert chat.usage.prompt_tokens == len(rendered)
+    assert choice.finish_reason == "stop" and reference[-1] in stops, (choice, tokenizer.decode(reference))
+    assert choice.message.content == tokenizer.decode(reference, skip_special_tokens=True)
+    assert chat.usage.completion_tokens == len(reference) < 24
+    assert choice.message.content.strip() and not any(m in choice.message.content for m in family.markers)
 
-        # Each stop token, made likely once 3 tokens are out: the reply must end right there, as a stop.
-        for stop in stops:
-            choice = loop.run(ask(SamplingParams(temperature=0, max_tokens=20, min_tokens=3,
-                                                 logit_bias=((stop, 40.0),))))
-            assert choice.finish_reason == "stop" and len(choice.token_ids) <= 4, (stop, choice)
-            assert not any(marker in choice.text for marker in family.markers)
-        free = loop.run(ask(SamplingParams(temperature=1.0, seed=0, max_tokens=24)))
-        assert not any(marker in free.text for marker in family.markers)
-        assert not set(stops) & set(free.token_ids[:-1])
-    finally:
-        engine.shutdown()
+    # Each stop token, made likely once 3 tokens are out: the reply must end right there, as a stop.
+    for stop in stops:
+        forced = client.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0,
+                                                logit_bias={str(stop): 40}, extra_body={"min_tokens": 3})
+        assert forced.choices[0].finish_reason == "stop" and forced.usage.completion_tokens <= 4, (stop, forced)
+        assert not any(m in forced.choices[0].message.content for m in family.markers)

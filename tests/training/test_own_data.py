@@ -4,6 +4,7 @@ and multi-turn conversations carry loss on the assistant turns only."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -199,6 +200,25 @@ def test_formats_and_column_mapping_resolve(tiny_models, tmp_path):
     assert load_split(DataSettings(source=f"file://{path}", columns=dict(data.columns)), "train")[0] == train
 
 
+def wandb_offline_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """An offline W&B run's summary (config, state, ...) and history rows, read back by wandb's own reader of
+    its transaction log (``wandb leet inspect``: the records ``wandb sync`` would upload)."""
+    import subprocess
+    import sys
+
+    wandb = [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    summary = json.loads(subprocess.run([*wandb, "--summary", str(run_dir)], capture_output=True, text=True,
+                                        check=True, timeout=60, env=env).stdout)
+    records = [json.loads(line) for line in subprocess.run([*wandb, str(run_dir)], capture_output=True, text=True,
+                                                           check=True, timeout=60, env=env).stdout.splitlines()]
+    return summary, [r["history"] for r in records if r["type"] == "history"]
+
+
+def without_empty(config: dict) -> dict:
+    return {k: without_empty(v) if isinstance(v, dict) else v for k, v in config.items() if v != {}}
+
+
 @pytest.mark.slow
 def test_resolved_config_and_tracking(ray_local, tiny_models, tmp_path, monkeypatch):
     import yaml
@@ -211,10 +231,12 @@ def test_resolved_config_and_tracking(ray_local, tiny_models, tmp_path, monkeypa
     out = tmp_path / "out"
     summary = run_sft("local_sft_chat.yaml", tiny_models["tiny-s"], out, f"data.source={data}", "data.task=null",
                       "optim.max_steps=6", "optim.log_every=2", "optim.save_every=0", "run_name=tracked",
-                      "tracking.report_to=[mlflow, tensorboard]", "tracking.experiment=own-data")
+                      "tracking.report_to=[mlflow, tensorboard, wandb]", "tracking.experiment=own-data",
+                      "tracking.wandb_mode=offline")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["data"]["source"] == str(data) and config["optim"]["max_steps"] == 6
-    assert config["model"] == str(tiny_models["tiny-s"]) and config["tracking"]["report_to"] == ["mlflow", "tensorboard"]
+    assert config["model"] == str(tiny_models["tiny-s"]) and config["tracking"]["report_to"] == ["mlflow", "tensorboard",
+                                                                                                    "wandb"]
     rows = [r for r in metric_rows(out) if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4, 6]
 
@@ -233,6 +255,22 @@ def test_resolved_config_and_tracking(ray_local, tiny_models, tmp_path, monkeypa
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
     assert {"learning_rate", "tokens_per_s", "final/eval_loss"} <= set(events.Tags()["scalars"])
+
+    # W&B offline: one run under OUTPUT_DIR/wandb, nothing sent anywhere (wandb sync would upload it).
+    (run_dir,) = (out / "wandb").glob("offline-run-*-tracked")
+    wandb_run, history = wandb_offline_run(run_dir)
+    assert (wandb_run["project"], wandb_run["name"], wandb_run["state"]) == ("own-data", "tracked", "finished")
+    wandb_run["config"].pop("_wandb", None)  # W&B's own bookkeeping; it also drops empty sections (data.columns: {})
+    assert wandb_run["config"] == without_empty(config)
+    logged = {(h["step"]["num"], h["item"]["loss"]) for h in history if "loss" in h["item"]}
+    assert sorted(logged) == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    every = [r for r in metric_rows(out) if "step" in r]  # the same figures as metrics.jsonl at each step
+    by_step = {h["step"]["num"]: h["item"] for h in history}
+    for row in every:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                assert by_step[row["step"]][key] == pytest.approx(value), (row["step"], key)
+    assert wandb_run["summary"]["eval_loss"] == pytest.approx(summary["eval_loss"])
 
 
 def test_a_tracker_whose_library_is_missing_is_refused():
