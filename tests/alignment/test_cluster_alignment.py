@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 
 import pyarrow.fs as pafs
 import pytest
@@ -68,13 +69,17 @@ def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray
                f"policy_model={sft}", f"reward_model={reward_summary['output']}", f"output_dir={ppo_out}"]
     ppo = subprocess.Popen(command, cwd=REPO, env={**ray_cluster.env, **s3.env, "PYTHONUNBUFFERED": "1"},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    console, killed = [], None
-    for line in ppo.stdout:
-        console.append(line)
-        done = re.match(r"iteration\s+(\d+)/", line)
-        if killed is None and done and int(done.group(1)) >= 2:
-            killed = ray_cluster.python(KILL_ROLLOUT)
-    assert ppo.wait(60) == 0, "".join(console)[-5000:]
+    console, killed, watchdog = [], None, threading.Timer(900, ppo.kill)  # as driver()'s timeout
+    watchdog.start()
+    try:
+        for line in ppo.stdout:
+            console.append(line)
+            done = re.match(r"iteration\s+(\d+)/", line)
+            if killed is None and done and int(done.group(1)) >= 2:
+                killed = ray_cluster.python(KILL_ROLLOUT)
+        assert ppo.wait(60) == 0, "".join(console)[-5000:]
+    finally:
+        watchdog.cancel()
     assert killed is not None and killed.returncode == 0, (killed and killed.stderr[-3000:], "".join(console)[-3000:])
     summary = json.loads(s3.read(f"{ppo_out}/summary.json"))
     rows = [json.loads(line) for line in s3.read(f"{ppo_out}/metrics.jsonl").decode().splitlines()]
