@@ -228,7 +228,7 @@ def run(models_dir: str, clients: list[int], workdir: str | None = None, stream:
         "adapter_sources": [str((work / "adapters").resolve())],
         "models": [{"id": "tiny-l", "num_cpus": 1, "max_adapters": mixed, "max_ongoing_requests": 256,
                     "engine": {"model": base, "kind": "vllm", "max_model_len": 1024, "max_loras": mixed,
-                               "max_cpu_loras": 2 * mixed}}]}, work)
+                               "max_cpu_loras": 2 * mixed, "max_lora_rank": 64}}]}, work)  # as vLLM's server
     server.start()
     adapters = make_adapters(Path(base), work / "adapters", mixed)
     try:
