@@ -21,9 +21,10 @@ from llm_platform.dtypes import FloatDType
 from llm_platform.errors import SamplingError
 
 AdapterKind = Literal["lora", "soft_prompt"]
-MIN_LORA_RANK = 16
-"""The floor of an unset ``max_lora_rank`` (vLLM's own default): adapters of the common ranks 8 and 16 registered
-later fit without a restart."""
+MIN_LORA_RANK = 64
+"""The floor of an unset ``max_lora_rank``: the rank of the platform's own LoRA default (training ``lora.r``), so
+adapters trained with the defaults register with a running server. Padding to it costs nothing on CPU (our LoRA
+plugin trims each adapter to its rank)."""
 Prompt = str | list[int]
 
 

@@ -60,7 +60,7 @@ def test_a_transformers_engine_runs_where_its_gpus_are():
 
 
 def test_max_lora_rank_follows_the_registered_adapters(tiny_models, tmp_path):
-    """Unset, a model's max_lora_rank is the smallest rank vLLM takes that holds its registered LoRAs (floor 16);
+    """Unset, a model's max_lora_rank is the smallest rank vLLM takes that holds its registered LoRAs (floor 64);
     a configured one is kept; an adapter above it is refused naming max_lora_rank and the rank to set."""
     from vllm.config.lora import LoRAConfig
 
@@ -72,8 +72,8 @@ def test_max_lora_rank_follows_the_registered_adapters(tiny_models, tmp_path):
     from tests.conftest import make_lora, make_soft_prompt
 
     store = AdapterStore(str(tmp_path / "store"))
-    rank_24 = make_lora(tiny_models["tiny-s"], tmp_path / "r24", seed=0, rank=24, targets=("q_proj",))
-    store.put("tiny-s", "big", "lora", rank_24)
+    rank_100 = make_lora(tiny_models["tiny-s"], tmp_path / "r100", seed=0, rank=100, targets=("q_proj",))
+    store.put("tiny-s", "big", "lora", rank_100)
     store.put("tiny-s", "small", "lora", make_lora(tiny_models["tiny-s"], tmp_path / "r4", seed=1, rank=4,
                                                     targets=("q_proj",)))
     store.put("tiny-m", "soft", "soft_prompt", make_soft_prompt(tiny_models["tiny-m"], tmp_path / "sp", seed=2))
@@ -81,11 +81,11 @@ def test_max_lora_rank_follows_the_registered_adapters(tiny_models, tmp_path):
     models[2]["engine"]["max_lora_rank"] = 8  # configured: kept, although tiny-s needs more
     config = ServeConfig.model_validate({"adapter_store": str(tmp_path / "store"), "models": models})
     ranks = {m.id: m.engine.max_lora_rank for m in prepare(config).models}
-    assert ranks == {"tiny-s": 32, "tiny-m": 16, "tiny-l": 8}  # 24 -> 32: vLLM takes no rank 24
+    assert ranks == {"tiny-s": 128, "tiny-m": 64, "tiny-l": 8}  # 100 -> 128: vLLM takes no rank 100
     for rank in ranks.values():
         assert LoRAConfig(max_lora_rank=rank).max_lora_rank == rank
 
-    with pytest.raises(AdapterError, match=r"rank 24 is above this model's max_lora_rank 16; serving it needs "
-                                           r"engine\.max_lora_rank >= 32"):
-        inspect_adapter(rank_24, load_model_config(str(tiny_models["tiny-s"])), max_rank=16)
-    assert inspect_adapter(rank_24, load_model_config(str(tiny_models["tiny-s"])), max_rank=32).rank == 24
+    with pytest.raises(AdapterError, match=r"rank 100 is above this model's max_lora_rank 64; serving it needs "
+                                           r"engine\.max_lora_rank >= 128"):
+        inspect_adapter(rank_100, load_model_config(str(tiny_models["tiny-s"])), max_rank=64)
+    assert inspect_adapter(rank_100, load_model_config(str(tiny_models["tiny-s"])), max_rank=128).rank == 100

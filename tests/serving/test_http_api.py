@@ -290,10 +290,10 @@ def test_adapter_sources_limits_and_weights_are_checked(server, adapters, tiny_m
     (bad_rank / "adapter_config.json").write_text(json.dumps({**config, "r": "x"}))
     assert "field 'r'" in error_of(register(server, "rank", "tiny-s", "lora", bad_rank), 422)["message"]
 
-    # The store was empty when the server started: tiny-s got max_lora_rank 16 (the floor), and says what to set.
-    wide = make_lora(tiny_models["tiny-s"], tmp_path / "wide", seed=6, rank=32, targets=("q_proj",))
+    # The store was empty when the server started: tiny-s got max_lora_rank 64 (the floor), and says what to set.
+    wide = make_lora(tiny_models["tiny-s"], tmp_path / "wide", seed=6, rank=65, targets=("q_proj",))
     message = error_of(register(server, "wide", "tiny-s", "lora", wide), 422)["message"]
-    assert "max_lora_rank 16" in message and "engine.max_lora_rank >= 32" in message, message
+    assert "max_lora_rank 64" in message and "engine.max_lora_rank >= 128" in message, message
 
     long = make_soft_prompt(tiny_models["tiny-s"], tmp_path / "long", seed=5, tokens=LIMITS["max_soft_prompt_tokens"] + 1)
     assert "virtual tokens" in error_of(register(server, "long", "tiny-s", "soft_prompt", long), 422)["message"]
