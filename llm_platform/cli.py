@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     bserve.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     bserve.add_argument("--json", help="write the figures here")
     bserve.add_argument("--plot", help="write a PNG of throughput and latency against clients here")
+    bserve.add_argument("--stream", action="store_true",
+                        help="HTTP clients stream (server-sent events, usage in the last event) as vLLM's "
+                             "benchmark client does")
     bserve.set_defaults(run=_bench_serve)
 
     evaluate = commands.add_parser("eval", help="the course's experiments").add_subparsers(dest="action",
@@ -202,7 +205,7 @@ def _bench_serve(args) -> None:
     from llm_platform.bench import serve as bench
     from llm_platform.report import format_table, write_json
 
-    summary = bench.run(args.models_dir, sorted(args.clients))
+    summary = bench.run(args.models_dir, sorted(args.clients), stream=args.stream)
     print("\n" + format_table(summary["rows"]))
     print(f"\nat {summary['clients']} clients: platform_vs_engine={summary['platform_vs_engine']:.2f} "
           f"(goal >= 0.9)  single_adapter_vs_base={summary['single_adapter_vs_base']:.2f} (goal >= 0.9)  "

@@ -28,6 +28,7 @@ import torch
 
 from llm_platform import console
 from llm_platform.alignment.config import RLHFConfig
+from llm_platform.engine.adapters import lora_slot_rank
 from llm_platform.errors import PlatformError
 from llm_platform.training.checkpoint import write_settings
 from llm_platform.training.job import Job, run
@@ -251,20 +252,6 @@ def _prompts(cfg: RLHFConfig, tokenizer) -> list[tuple[str, list[int]]]:
 
     records = load_records(cfg.prompts, "train", limit=cfg.prompt_limit, columns=("prompt",))
     return [(p, chat_prompt_ids(tokenizer, p)) for p in sorted(set(records["prompt"]))]
-
-
-def lora_slot_rank(rank: int) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank`` (vLLM 0.32 takes only
-    1, 8, 16, 32, 64, 128, 256, 320, 512; ``max(rank, 8)`` gave 12 for a rank-12 policy, which it refuses)."""
-    from typing import get_args
-
-    from vllm.config.lora import MaxLoRARanks
-
-    allowed = sorted(get_args(MaxLoRARanks))
-    fitting = [r for r in allowed if r >= rank]
-    if not fitting:
-        raise PlatformError(f"lora.r {rank}: vLLM serves LoRA ranks up to {allowed[-1]}")
-    return fitting[0]
 
 
 def _publish_policy(core, version: int, pool) -> float:

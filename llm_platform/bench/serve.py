@@ -15,6 +15,7 @@ and the platform with one LoRA adapter, and with 8 mixed into one stream, versus
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import tempfile
@@ -113,14 +114,30 @@ def vllm_model(job: Job) -> str:
 
 
 async def bench_http(url: str, headers: dict, clients: list[int], requests_for, mixed: int,
-                     name: str = "platform", model=platform_model, single: bool = True) -> list[Run]:
+                     name: str = "platform", model=platform_model, single: bool = True,
+                     stream: bool = False) -> list[Run]:
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
                                  limits=httpx.Limits(max_connections=256)) as http:
         async def call(job: Job) -> int:
-            response = await http.post("/v1/completions", json={
-                "model": model(job), "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0})
-            response.raise_for_status()
-            return response.json()["usage"]["completion_tokens"]
+            body = {"model": model(job), "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0}
+            if not stream:
+                response = await http.post("/v1/completions", json=body)
+                response.raise_for_status()
+                return response.json()["usage"]["completion_tokens"]
+            # As vLLM's benchmark client streams: server-sent events, the usage in the last one.
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+            produced = None
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            raise RuntimeError(f"{name}: error mid-stream: {event['error']}")
+                        produced = (event.get("usage") or {}).get("completion_tokens", produced)
+            if produced is None:
+                raise RuntimeError(f"{name}: the stream ended without usage")
+            return produced
 
         await drive(name, 2, workload(4, seed=99), call)
         await drive(name, 8, workload(16, seed=98, adapters=mixed), call)  # loads every adapter once
@@ -139,7 +156,8 @@ async def bench_http(url: str, headers: dict, clients: list[int], requests_for, 
         return runs
 
 
-def bench_vllm_server(base: str, adapters: list[Path], clients: list[int], requests_for, work: Path) -> list[Run]:
+def bench_vllm_server(base: str, adapters: list[Path], clients: list[int], requests_for, work: Path,
+                      stream: bool = False) -> list[Run]:
     """vLLM's own OpenAI server on the same model, engine settings and adapters, driven by the same client."""
     import os
     import signal
@@ -161,7 +179,8 @@ def bench_vllm_server(base: str, adapters: list[Path], clients: list[int], reque
         if not wait_healthy(server, f"http://127.0.0.1:{port}/health", 600, log):
             raise TimeoutError(f"vLLM's server was not healthy after 600 s; see {log}")
         return asyncio.run(bench_http(f"http://127.0.0.1:{port}", {}, [max(clients)], requests_for, len(adapters),
-                                      name="vllm-serve", model=vllm_model, single=False))
+                                      name="vllm-serve", model=vllm_model, single=False,
+                                      stream=stream))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -185,7 +204,9 @@ def make_adapters(base: Path, out: Path, count: int) -> list[Path]:
     return paths
 
 
-def run(models_dir: str, clients: list[int], workdir: str | None = None) -> dict:
+def run(models_dir: str, clients: list[int], workdir: str | None = None, stream: bool = False) -> dict:
+    """``stream``: the HTTP clients stream (server-sent events, as vLLM's benchmark client) instead of
+    waiting for whole responses."""
     from llm_platform.serving.process import ServerProcess
 
     models = build_tiny_models(models_dir)
@@ -207,19 +228,19 @@ def run(models_dir: str, clients: list[int], workdir: str | None = None) -> dict
         "adapter_sources": [str((work / "adapters").resolve())],
         "models": [{"id": "tiny-l", "num_cpus": 1, "max_adapters": mixed, "max_ongoing_requests": 256,
                     "engine": {"model": base, "kind": "vllm", "max_model_len": 1024, "max_loras": mixed,
-                               "max_cpu_loras": 2 * mixed}}]}, work)
+                               "max_cpu_loras": 2 * mixed, "max_lora_rank": 64}}]}, work)  # as vLLM's server
     server.start()
     adapters = make_adapters(Path(base), work / "adapters", mixed)
     try:
         for i, path in enumerate(adapters):
             httpx.post(f"{server.url}/v1/adapters", timeout=60, json={
                 "name": f"bench-{i}", "base": "tiny-l", "kind": "lora", "source": str(path)}).raise_for_status()
-        runs += asyncio.run(bench_http(server.url, {}, clients, requests_for, mixed))
+        runs += asyncio.run(bench_http(server.url, {}, clients, requests_for, mixed, stream=stream))
     finally:
         server.stop()
     print("[4/4] vLLM's own OpenAI server (what users would run instead)", flush=True)
-    runs += bench_vllm_server(base, adapters, clients, requests_for, work)
-    return summarize(runs, max(clients), mixed)
+    runs += bench_vllm_server(base, adapters, clients, requests_for, work, stream=stream)
+    return {**summarize(runs, max(clients), mixed), "stream": stream}
 
 
 def summarize(runs: list[Run], top: int, mixed: int) -> dict:

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from llm_platform.engine.protocol import AdapterKind
-from llm_platform.errors import AdapterError
+from llm_platform.errors import AdapterError, PlatformError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -94,6 +94,25 @@ def inspect_adapter(path: str | Path, base_config: PretrainedConfig, max_rank: i
         info = _check_soft_prompt(folder, fields, shapes, base_config, max_soft_prompt_tokens)
     _check_finite(folder)
     return info
+
+
+def lora_slot_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank`` (vLLM 0.32 takes only
+    1, 8, 16, 32, 64, 128, 256, 320, 512; ``max(rank, 8)`` gave 12 for a rank-12 policy, which it refuses)."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(get_args(MaxLoRARanks))
+    fitting = [r for r in allowed if r >= rank]
+    if not fitting:
+        raise PlatformError(f"LoRA rank {rank}: vLLM serves LoRA ranks up to {allowed[-1]}")
+    return fitting[0]
+
+
+def lora_rank_of(peft_config: dict) -> int:
+    """The largest rank of a LoRA adapter's ``adapter_config.json`` (``r``, or a larger one in ``rank_pattern``)."""
+    return max([peft_config["r"], *(peft_config.get("rank_pattern") or {}).values()])
 
 
 def load_soft_prompt(path: str | Path) -> torch.Tensor:
@@ -170,8 +189,14 @@ def _check_finite(folder: Path) -> None:
 def _check_lora(folder: Path, fields: _LoraFields, shapes: dict, base_config: PretrainedConfig,
                 max_rank: int) -> AdapterInfo:
     rank = fields.r
-    if not 1 <= rank <= max_rank:
-        raise AdapterError(f"adapter {folder}: LoRA rank {rank} is outside 1..{max_rank} (the configured maximum)")
+    if rank > max_rank:
+        try:
+            needed = f"engine.max_lora_rank >= {lora_slot_rank(rank)} in the serve config"
+        except PlatformError as exc:
+            raise AdapterError(f"adapter {folder}: {exc}") from None
+        raise AdapterError(f"adapter {folder}: LoRA rank {rank} is above this model's max_lora_rank {max_rank}; "
+                           f"serving it needs {needed} (a server left unset picks it at start from the adapters "
+                           f"registered then)")
     linears = _base_linear_shapes(base_config)
     modules = set()
     for key, shape in shapes.items():

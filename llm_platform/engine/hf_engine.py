@@ -65,7 +65,9 @@ class TransformersEngine(Engine):
         return asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
-                     request_id: str | None = None) -> AsyncIterator[Chunk]:
+                     request_id: str | None = None, whole: bool = False) -> AsyncIterator[Chunk]:
+        # ``whole`` changes nothing here: this engine decodes step by step either way, and its chunks add up
+        # to the same choices.
         if params.structured:
             raise SamplingError("response_format", "structured outputs need the vLLM engine (this model runs on "
                                                    "transformers)")

@@ -21,6 +21,10 @@ from llm_platform.dtypes import FloatDType
 from llm_platform.errors import SamplingError
 
 AdapterKind = Literal["lora", "soft_prompt"]
+MIN_LORA_RANK = 64
+"""The floor of an unset ``max_lora_rank``: the rank of the platform's own LoRA default (training ``lora.r``), so
+adapters trained with the defaults register with a running server. Padding to it costs nothing on CPU (our LoRA
+plugin trims each adapter to its rank)."""
 Prompt = str | list[int]
 
 
@@ -41,8 +45,10 @@ class EngineConfig(FrozenConfig):
     """Sequences vLLM batches together."""
     enable_lora: bool = True
     """Accept LoRA adapters per request."""
-    max_lora_rank: int = Field(64, gt=0)
-    """Largest LoRA rank accepted."""
+    max_lora_rank: int | None = Field(None, gt=0)
+    """Largest LoRA rank accepted (vLLM takes 1, 8, 16, 32, 64, 128, 256, 320, 512). Unset: a server picks it
+    at start from the LoRA adapters registered for the model (the smallest of those values that holds the
+    largest rank, at least :data:`MIN_LORA_RANK`); an engine built directly uses :data:`MIN_LORA_RANK`."""
     max_loras: int = Field(4, gt=0)
     """LoRA adapters active in one vLLM batch."""
     max_cpu_loras: int = Field(16, gt=0)
@@ -62,6 +68,11 @@ class EngineConfig(FrozenConfig):
     default: only for models you trust."""
     served_name: str | None = None
     """The model's name in vLLM's metrics (their model_name label); default: the model path."""
+
+    @property
+    def lora_rank(self) -> int:
+        """The ``max_lora_rank`` the engine runs with."""
+        return self.max_lora_rank or MIN_LORA_RANK
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
@@ -161,6 +172,9 @@ class Chunk:
     prompt_logprobs: list[float | None] | None = None
     """Set on a choice's first chunk when ``prompt_logprobs`` was asked: one per prompt token, the first None."""
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    first_token_s: float | None = None
+    """Set by an engine that answered the choice whole (``stream(..., whole=True)``): seconds from the request's
+    arrival to its first token, as the engine measured it."""
 
 
 @dataclass
@@ -208,8 +222,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
-               request_id: str | None = None) -> AsyncIterator[Chunk]:
-        """Generate from token ids, yielding chunks as tokens are produced."""
+               request_id: str | None = None, whole: bool = False) -> AsyncIterator[Chunk]:
+        """Generate from token ids, yielding chunks as tokens are produced.
+
+        ``whole``: the caller only wants the finished choices, so an engine that can skip per-token work
+        (vLLM) yields each choice once, complete; the chunks add up to the same choices either way."""
 
     @abc.abstractmethod
     async def load_adapter(self, adapter: AdapterRef) -> None:
@@ -256,7 +273,7 @@ class Engine(abc.ABC):
         """The whole result of :meth:`stream`."""
         ids = self.encode(prompt)
         choices = [Choice(index=i) for i in range(params.n)]
-        async for chunk in self.stream(ids, params, adapter, request_id):
+        async for chunk in self.stream(ids, params, adapter, request_id, whole=True):
             choices[chunk.index].add(chunk)
         return Result(prompt_token_ids=ids, choices=choices)
 

@@ -51,7 +51,7 @@ class VLLMEngine(Engine):
             model=self.path, dtype=config.dtype, seed=config.seed, max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs, tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization, enable_lora=config.enable_lora,
-            max_lora_rank=config.max_lora_rank if config.enable_lora else None,
+            max_lora_rank=config.lora_rank if config.enable_lora else None,
             max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
             enable_prompt_embeds=config.enable_soft_prompts, disable_log_stats=not in_ray,
             trust_remote_code=config.trust_remote_code,
@@ -73,7 +73,7 @@ class VLLMEngine(Engine):
         return self._tokenizer
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
-                     request_id: str | None = None) -> AsyncIterator[Chunk]:
+                     request_id: str | None = None, whole: bool = False) -> AsyncIterator[Chunk]:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -94,9 +94,12 @@ class VLLMEngine(Engine):
             raise SamplingError("n", "must be 1 with prompt log-probabilities (echo with logprobs) on a "
                                      "LoRA-enabled vLLM CPU engine")
         sampling = self._sampling(params, n_prompt)
-        sampling.output_kind = RequestOutputKind.DELTA
-        (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
         gated = adapter.kind if adapter is not None and self._gate is not None else None
+        # A whole answer is asked of vLLM as its own server does for non-streamed requests (FINAL_ONLY): one
+        # output per request, none per token. Not where a gate waits for the first output (the prefill's end).
+        whole = whole and not alone and gated != "soft_prompt"
+        sampling.output_kind = RequestOutputKind.FINAL_ONLY if whole else RequestOutputKind.DELTA
+        (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
         outputs = None
         if gated:
             await self._gate.acquire(gated)
@@ -127,8 +130,10 @@ class VLLMEngine(Engine):
                     await self._gate.release(gated)
                     gated = None
                 prompt_logprobs = _prompt_logprobs(output, prompt_ids)
+                first_token_s = _first_token_s(output) if whole else None
                 for completion in output.outputs:
                     chunk = _chunk(completion, params.logprobs)
+                    chunk.first_token_s = first_token_s
                     if prompt_logprobs is not None:
                         chunk.prompt_logprobs, chunk.prompt_top_logprobs = prompt_logprobs
                     yield chunk
@@ -252,6 +257,12 @@ def _chunk(completion, k: int | None) -> Chunk:
         chunk.logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
         chunk.top_logprobs = [{token: lp.logprob for token, lp in step.items()} for step in completion.logprobs]
     return chunk
+
+
+def _first_token_s(output) -> float | None:
+    """Seconds from the request's arrival to its first token, as vLLM measured it (with its statistics on)."""
+    latency = getattr(getattr(output, "metrics", None), "first_token_latency", None)
+    return latency if latency else None
 
 
 def _prompt_logprobs(output, prompt_ids: list[int]):

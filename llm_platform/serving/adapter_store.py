@@ -151,6 +151,11 @@ class AdapterStore:
         current = max(records, default=None)
         return current.entry() if current is not None and current.kind != DELETED else None
 
+    def adapter_config(self, entry: StoredAdapter) -> dict:
+        """This version's ``adapter_config.json`` (one small read, nothing downloaded to the cache)."""
+        with self.fs.open_input_stream(self._path(f"{entry.path}/{ADAPTER_FILES[0]}")) as f:
+            return json.loads(f.read())
+
     def local_dir(self, entry: StoredAdapter) -> str:
         """A local folder holding this version's files (downloaded once per node for remote stores)."""
         if self.is_local:

@@ -9,6 +9,7 @@ config file (`applications: - import_path: serve_apps.openai_app:build_app, args
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ray import serve
@@ -20,6 +21,7 @@ from llm_platform.serving.ingress import Ingress
 from llm_platform.serving.model_server import ModelServer
 from llm_platform.serving.secrets import Secrets
 
+logger = logging.getLogger(__name__)
 BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}
 """What Serve answers itself when a queue is full: 503 with Retry-After (its default sends no Retry-After)."""
 
@@ -59,17 +61,47 @@ def build_app(args: dict) -> Application:
 
 
 def prepare(config: ServeConfig) -> ServeConfig:
-    """Build the tiny models first when asked (the embedded default), and make local paths absolute:
-    replicas may run in another working directory, or on another node."""
+    """Build the tiny models first when asked (the embedded default), make local paths absolute (replicas may
+    run in another working directory, or on another node), and settle each LoRA-enabled model's unset
+    ``max_lora_rank`` from the adapters in the store (:func:`lora_ranks`)."""
     if config.build_tiny_models:
         from llm_platform.models.tiny import build_tiny_models
 
         build_tiny_models(config.build_tiny_models)
-    models = [spec.model_copy(update={"engine": spec.engine.model_copy(update={"model": _absolute(spec.engine.model)})})
-              for spec in config.models]
     store = config.adapter_store if "://" in config.adapter_store else str(Path(config.adapter_store).resolve())
+    ranks = lora_ranks(config, store)
+    models = [spec.model_copy(update={"engine": spec.engine.model_copy(update={
+        "model": _absolute(spec.engine.model), "max_lora_rank": ranks.get(spec.id, spec.engine.max_lora_rank)})})
+        for spec in config.models]
     sources = [s if "://" in s else str(Path(s).expanduser().resolve()) for s in config.adapter_sources]
     return config.model_copy(update={"models": models, "adapter_store": store, "adapter_sources": sources})
+
+
+def lora_ranks(config: ServeConfig, store_uri: str) -> dict[str, int]:
+    """``max_lora_rank`` for each LoRA-enabled model that leaves it unset: the smallest rank vLLM accepts that
+    holds every LoRA adapter registered for it, at least MIN_LORA_RANK. An adapter registered later that needs
+    more is refused (422) naming the rank to configure. With the store unreachable: MIN_LORA_RANK, logged."""
+    from llm_platform.engine.adapters import lora_rank_of, lora_slot_rank
+    from llm_platform.engine.protocol import MIN_LORA_RANK
+    from llm_platform.serving.adapter_store import AdapterStore
+
+    unset = {spec.id for spec in config.models if spec.engine.enable_lora and spec.engine.max_lora_rank is None}
+    if not unset:
+        return {}
+    largest = dict.fromkeys(unset, MIN_LORA_RANK)
+    try:
+        store = AdapterStore(store_uri)
+        for entry in store.manifest().values():
+            if entry.base in unset and entry.kind == "lora":
+                largest[entry.base] = max(largest[entry.base], lora_rank_of(store.adapter_config(entry)))
+    except Exception as exc:  # the store is away: bases serve meanwhile, adapters above the floor will not load
+        logger.warning("adapter store %s unreadable at start (%s: %s): max_lora_rank %d for %s", store_uri,
+                       type(exc).__name__, exc, MIN_LORA_RANK, ", ".join(sorted(unset)))
+    ranks = {model: lora_slot_rank(rank) for model, rank in largest.items()}
+    for model, rank in sorted(ranks.items()):
+        logger.info("model %s: max_lora_rank %d (from the adapters registered for it; floor %d)", model, rank,
+                    MIN_LORA_RANK)
+    return ranks
 
 
 def _absolute(name: str) -> str:

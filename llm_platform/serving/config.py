@@ -34,6 +34,10 @@ class ModelSpec(FrozenConfig):
     """Adapters kept loaded per replica; the least recently used one is evicted."""
     max_ongoing_requests: int = Field(64, ge=1)
     """Requests one replica accepts at once before Serve queues or rejects (503)."""
+    stream_batching_interval_ms: float = Field(50.0, ge=0)
+    """Streamed responses: the replica sends the pieces that became ready within this many milliseconds as
+    one message to the ingress (Ray Serve LLM's ``stream_batching_interval_ms``, with its batcher); the
+    client still gets one server-sent event per piece. 0 sends each piece on its own."""
 
     @model_validator(mode="after")
     def _gpus_fit_tensor_parallelism(self) -> ModelSpec:

@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ray import serve
+# Ray Serve LLM's own batcher of streamed outputs (the one behind its stream_batching_interval_ms); a module of
+# ray.llm that needs neither vLLM nor a GPU, pinned with Ray's version.
+from ray.llm._internal.serve.utils.batcher import Batcher
 
 from llm_platform.engine import AdapterRef, Chunk, Choice, SamplingParams, build_engine
 from llm_platform.errors import SamplingError
@@ -185,7 +188,7 @@ class ModelServer:
         meta = self._meta(request)
         prompts = await self._tokenized(request)
         choices = [Choice(index=i) for i in range(len(prompts) * request.sampling.n)]
-        async for chunk in self._chunks(request, prompts):
+        async for chunk in self._chunks(request, prompts, whole=True):
             choices[chunk.index].add(chunk)
         generated = 0 if request.echo_only else sum(len(c.token_ids) for c in choices)
         if request.echo:
@@ -194,7 +197,18 @@ class ModelServer:
         return openai_format.whole(meta, choices, sum(len(p) for p in prompts), self.tokenizer,
                                    completion_tokens=generated)
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[list[dict]]:
+        """The response's pieces, in lists: those ready within ``stream_batching_interval_ms`` travel to the
+        ingress as one message (each crossing costs the replica, the ingress and the proxy a Ray round);
+        the ingress sends each piece as its own event."""
+        batches = Batcher(self._pieces(request), interval_ms=self.spec.stream_batching_interval_ms).stream()
+        try:
+            async for batch in batches:
+                yield batch
+        finally:  # the client left (Serve closes this generator): stop generating now, freeing the engine slot
+            await batches.aclose()
+
+    async def _pieces(self, request: GenerateRequest) -> AsyncIterator[dict]:
         meta = self._meta(request)
         prompts = await self._tokenized(request)
         started, produced, n = set(), 0, request.sampling.n
@@ -237,8 +251,11 @@ class ModelServer:
         """The prompts' token ids, computed off the event loop (a huge prompt must not stall other requests)."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._prompt_ids, request)
 
-    async def _chunks(self, request: GenerateRequest, prompts: list[list[int]]):
-        """Engine chunks of every prompt, re-indexed prompt-major, with the adapter held and metrics recorded."""
+    async def _chunks(self, request: GenerateRequest, prompts: list[list[int]], whole: bool = False):
+        """Engine chunks of every prompt, re-indexed prompt-major, with the adapter held and metrics recorded.
+
+        ``whole``: only finished choices are wanted (a non-streamed response): the engine skips per-token
+        outputs where it can."""
         self._start_sync()
         adapter = await asyncio.to_thread(self._store_ref, request.adapter) if request.adapter else None
         kind, status = (adapter.kind if adapter else "base"), "error"
@@ -247,11 +264,13 @@ class ModelServer:
         if adapter is not None:
             await self._hold(adapter)
         try:
-            streams = [_reindexed(self.engine.stream(ids, request.sampling, adapter), i * request.sampling.n)
-                       for i, ids in enumerate(prompts)]
+            streams = [_reindexed(self.engine.stream(ids, request.sampling, adapter, whole=whole),
+                                  i * request.sampling.n) for i, ids in enumerate(prompts)]
             async for chunk in _merged(streams):
                 if first:
-                    self.metrics.first_token(self.model_id, time.perf_counter() - start, adapter=name)
+                    # A whole answer carries the engine's own time to its first token.
+                    self.metrics.first_token(self.model_id, chunk.first_token_s or time.perf_counter() - start,
+                                             adapter=name)
                     first = False
                 produced += len(chunk.token_ids)
                 yield chunk

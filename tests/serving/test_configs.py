@@ -57,3 +57,35 @@ def test_a_transformers_engine_runs_where_its_gpus_are():
     model["engine"]["device"] = "cuda"
     assert load_config(ServeConfig, CONFIGS / "local.yaml",
                        ["models=" + yaml.safe_dump([model], default_flow_style=True).strip()]).models[0].num_gpus == 1
+
+
+def test_max_lora_rank_follows_the_registered_adapters(tiny_models, tmp_path):
+    """Unset, a model's max_lora_rank is the smallest rank vLLM takes that holds its registered LoRAs (floor 64);
+    a configured one is kept; an adapter above it is refused naming max_lora_rank and the rank to set."""
+    from vllm.config.lora import LoRAConfig
+
+    from llm_platform.engine.adapters import inspect_adapter
+    from llm_platform.errors import AdapterError
+    from llm_platform.models.loading import load_model_config
+    from llm_platform.serving.adapter_store import AdapterStore
+    from llm_platform.serving.app import prepare
+    from tests.conftest import make_lora, make_soft_prompt
+
+    store = AdapterStore(str(tmp_path / "store"))
+    rank_100 = make_lora(tiny_models["tiny-s"], tmp_path / "r100", seed=0, rank=100, targets=("q_proj",))
+    store.put("tiny-s", "big", "lora", rank_100)
+    store.put("tiny-s", "small", "lora", make_lora(tiny_models["tiny-s"], tmp_path / "r4", seed=1, rank=4,
+                                                    targets=("q_proj",)))
+    store.put("tiny-m", "soft", "soft_prompt", make_soft_prompt(tiny_models["tiny-m"], tmp_path / "sp", seed=2))
+    models = [{"id": size, "engine": {"model": str(path), "kind": "vllm"}} for size, path in tiny_models.items()]
+    models[2]["engine"]["max_lora_rank"] = 8  # configured: kept, although tiny-s needs more
+    config = ServeConfig.model_validate({"adapter_store": str(tmp_path / "store"), "models": models})
+    ranks = {m.id: m.engine.max_lora_rank for m in prepare(config).models}
+    assert ranks == {"tiny-s": 128, "tiny-m": 64, "tiny-l": 8}  # 100 -> 128: vLLM takes no rank 100
+    for rank in ranks.values():
+        assert LoRAConfig(max_lora_rank=rank).max_lora_rank == rank
+
+    with pytest.raises(AdapterError, match=r"rank 100 is above this model's max_lora_rank 64; serving it needs "
+                                           r"engine\.max_lora_rank >= 128"):
+        inspect_adapter(rank_100, load_model_config(str(tiny_models["tiny-s"])), max_rank=64)
+    assert inspect_adapter(rank_100, load_model_config(str(tiny_models["tiny-s"])), max_rank=128).rank == 100

@@ -85,6 +85,50 @@ def test_logprobs_and_sampling_parameters_pass_through(client):
     assert pieces[-1].usage.completion_tokens == sum(len(p.choices) for p in pieces[:-1]) <= 7
 
 
+def test_batched_streaming_keeps_every_piece_and_streams_as_it_goes(server):
+    """The replica sends the pieces ready within stream_batching_interval_ms as one message: the client still
+    gets one event per token, the same tokens and scores as the whole response, spread over the generation."""
+    import time
+
+    url, user = f"{server.url}/v1/completions", server.user()
+
+    def streamed(body: dict) -> tuple[list[dict], list[float]]:
+        events, arrivals = [], []
+        with httpx.stream("POST", url, headers=user, timeout=120, json={**body, "stream": True,
+                                                                         "stream_options": {"include_usage": True}}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    arrivals.append(time.perf_counter())
+        return events, arrivals
+
+    greedy = {"model": "tiny-s", "prompt": PROMPT, "max_tokens": 96, "temperature": 0, "ignore_eos": True}
+    whole = httpx.post(url, headers=user, timeout=120, json=greedy).json()
+    events, arrivals = streamed(greedy)
+    pieces, usage = events[:-1], events[-1]["usage"]
+    assert len(pieces) == 96 and all(len(p["choices"]) == 1 for p in pieces)  # one event per token
+    assert "".join(p["choices"][0]["text"] for p in pieces) == whole["choices"][0]["text"]
+    assert pieces[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"] == "length"
+    assert usage == whole["usage"]
+    # Sent as they were generated, in several batches, not all at once at the end.
+    reads = 1 + sum(b - a > 0.01 for a, b in zip(arrivals, arrivals[1:]))
+    assert reads >= 2 and arrivals[-2] - arrivals[0] > 0.05, (reads, arrivals[-2] - arrivals[0])
+
+    # n > 1 with a seed and log-probabilities: the streamed choices add up to the whole ones.
+    sampled = {"model": "tiny-s", "prompt": PROMPT, "max_tokens": 12, "temperature": 0.8, "seed": 3, "n": 2,
+               "logprobs": 1}
+    whole = httpx.post(url, headers=user, timeout=120, json=sampled).json()
+    events, _ = streamed(sampled)
+    assert events[-1]["usage"] == whole["usage"]
+    for choice in whole["choices"]:
+        mine = [c for e in events[:-1] for c in e["choices"] if c["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [t for c in mine for t in c["logprobs"]["tokens"]] == choice["logprobs"]["tokens"]
+        assert [lp for c in mine for lp in c["logprobs"]["token_logprobs"]] == \
+            pytest.approx(choice["logprobs"]["token_logprobs"], abs=1e-4)
+
+
 def test_hot_swap_under_load_and_delete(server, client, tiny_models, engines, loop, tmp_path: Path):
     v1 = make_lora(tiny_models["tiny-s"], tmp_path / "v1", seed=101)
     v2 = make_lora(tiny_models["tiny-s"], tmp_path / "v2", seed=202)
@@ -202,7 +246,7 @@ def test_adapter_sources_limits_and_weights_are_checked(server, adapters, tiny_m
 
     from safetensors.torch import load_file, save_file
 
-    from tests.conftest import make_soft_prompt
+    from tests.conftest import make_lora, make_soft_prompt
 
     lora = adapters["tiny-s"]["lora"]
     ssrf = register(server, "ssrf", "tiny-s", "lora", "s3://bucket/a?endpoint_override=127.0.0.1:1&scheme=http")
@@ -232,10 +276,16 @@ def test_adapter_sources_limits_and_weights_are_checked(server, adapters, tiny_m
     (bad_rank / "adapter_config.json").write_text(json.dumps({**config, "r": "x"}))
     assert "field 'r'" in error_of(register(server, "rank", "tiny-s", "lora", bad_rank), 422)["message"]
 
+    # The store was empty when the server started: tiny-s got max_lora_rank 64 (the floor), and says what to set.
+    wide = make_lora(tiny_models["tiny-s"], tmp_path / "wide", seed=6, rank=65, targets=("q_proj",))
+    message = error_of(register(server, "wide", "tiny-s", "lora", wide), 422)["message"]
+    assert "max_lora_rank 64" in message and "engine.max_lora_rank >= 128" in message, message
+
     long = make_soft_prompt(tiny_models["tiny-s"], tmp_path / "long", seed=5, tokens=LIMITS["max_soft_prompt_tokens"] + 1)
     assert "virtual tokens" in error_of(register(server, "long", "tiny-s", "soft_prompt", long), 422)["message"]
     listed = httpx.get(f"{server.url}/v1/adapters", headers=server.admin()).json()["data"]
-    assert not {"tiny-s:ssrf", "tiny-s:big", "tiny-s:nan", "tiny-s:rank", "tiny-s:long"} & {a["id"] for a in listed}
+    assert not {"tiny-s:ssrf", "tiny-s:big", "tiny-s:nan", "tiny-s:rank", "tiny-s:long",
+                "tiny-s:wide"} & {a["id"] for a in listed}
 
 
 def test_keys_do_not_show_in_rays_dashboard(server):
