@@ -301,14 +301,30 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(fault_server, tmp_p
         prometheus.wait(30)
 
 
+def is_engine_core(process: psutil.Process) -> bool:
+    """vLLM titles its engine core ``VLLM::EngineCore``; where setproctitle cannot rewrite the command line
+    only the kernel's 15-character name changes (``VLLM::EngineCor``), so both are read, fresh each time."""
+    return "EngineCor" in " ".join([process.name()] + process.cmdline())
+
+
+def live_processes():
+    """Every process on the machine, as fresh psutil objects: ``psutil.process_iter`` keeps the objects it
+    made earlier, and those keep the name they first read, which for an engine core can be its name before
+    vLLM retitled it."""
+    for pid in psutil.pids():
+        try:
+            yield psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
+
+
 def engine_cores(server: ServerProcess) -> list[psutil.Process]:
     """The vLLM engine-core processes of ``server``: every process on this machine whose environment
     carries the server's mark, looked up machine-wide (not as descendants of the server process)."""
     cores = []
-    for process in psutil.process_iter():
+    for process in live_processes():
         try:  # Ray starts and ends short-lived processes all the time: one may be gone by now
-            if ("EngineCore" in " ".join([process.name()] + process.cmdline())
-                    and process.environ().get(SERVER_MARK) == str(server.root)):
+            if is_engine_core(process) and process.environ().get(SERVER_MARK) == str(server.root):
                 cores.append(process)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
@@ -326,9 +342,9 @@ def one_engine_core(server: ServerProcess, timeout: float = 180) -> psutil.Proce
             return cores[0]
         time.sleep(2)
     everywhere = []
-    for process in psutil.process_iter():
+    for process in live_processes():
         try:
-            if "EngineCore" in " ".join([process.name()] + process.cmdline()):
+            if is_engine_core(process):
                 chain = [p.pid for p in process.parents()]
                 everywhere.append((process.pid, chain, process.environ().get(SERVER_MARK)))
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
