@@ -285,17 +285,18 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(fault_server, tmp_p
         def finite(expr):
             return [s for s in query(expr) if math.isfinite(float(s["value"][1]))]
 
-        missing = []
+        missing, answers = [], []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             for model in ("tiny-s", "tiny-s:early"):
-                complete(fault_server, model=model, max_tokens=24, temperature=0.7)
+                answer = complete(fault_server, model=model, max_tokens=24, temperature=0.7)
+                answers.append((model, answer.status_code, answer.text[:200] if answer.status_code != 200 else ""))
             httpx.get(f"{fault_server.url}/v1/adapters")  # a 403, for the error panel
             missing = [(panel.title, expr) for panel in PANELS for expr, _ in panel.exprs if not finite(expr)]
             if not missing:
                 break
             time.sleep(1)
-        assert not missing, missing
+        assert not missing, (missing, [a for a in answers if a[1] != 200][-5:], len(answers))
     finally:
         prometheus.terminate()
         prometheus.wait(30)
