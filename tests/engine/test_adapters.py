@@ -34,7 +34,8 @@ def test_adapters_for_another_base_are_refused_by_shape(adapters, configs):
 
 
 def test_rank_above_the_configured_maximum_is_refused(adapters, configs):
-    with pytest.raises(AdapterError, match=r"LoRA rank 8 is outside 1..4"):
+    with pytest.raises(AdapterError, match=r"LoRA rank 8 is above this model's max_lora_rank 4; serving it needs "
+                                           r"engine.max_lora_rank >= 8"):
         inspect_adapter(adapters["tiny-s"]["lora"], configs["tiny-s"], max_rank=4)
 
 

@@ -279,7 +279,10 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(fault_server, tmp_p
                                   stdout=(tmp_path / "prometheus.log").open("w"), stderr=subprocess.STDOUT)
     try:
         def query(expr):
-            r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=10)
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=10)
+            except httpx.ConnectError:  # prometheus still starting (its port opens after the storage is ready)
+                return []
             return r.json()["data"]["result"] if r.status_code == 200 else []
 
         def finite(expr):
