@@ -44,6 +44,7 @@ class RewardActorSettings(FrozenConfig):
     """The reward model's Ray actor: its resources (a GPU of its own on GPU clusters) and dtype."""
 
     num_cpus: float = Field(0, ge=0)
+    """With no CPU and no GPU asked for, the actor runs on rank 0's node (never on a head that does no work)."""
     num_gpus: float = Field(0, ge=0)
     """With a GPU the reward model runs on it (``cuda``); else on the CPU."""
     dtype: DType | None = None

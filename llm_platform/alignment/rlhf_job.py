@@ -54,6 +54,19 @@ def train(cfg: RLHFConfig, folder: Path | None) -> None:
     run_ppo(cfg, ray_train_context(), folder)
 
 
+def _reward_placement(cfg: RLHFConfig):
+    """Where the reward actor goes. An actor that asks for no CPU and no GPU fits on every node, the head too
+    (``--num-cpus=0`` keeps only resource-taking work off it), so Ray could put the reward model on a head that
+    should do no work; such an actor is pinned to rank 0's node, which feeds it every batch. With resources of
+    its own (a GPU on GPU clusters) Ray's scheduler places it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if cfg.reward_actor.num_cpus or cfg.reward_actor.num_gpus:
+        return "DEFAULT"
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
     import ray
     import torch.distributed as dist
@@ -83,12 +96,14 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
                               max_model_len=cfg.rollout.max_model_len, trust_remote_code=cfg.trust_remote_code,
                               enable_soft_prompts=False, max_lora_rank=lora_slot_rank(cfg.lora.r), max_loras=1,
                               max_cpu_loras=2, cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, seed=cfg.ppo.seed)
-        pool = RolloutPool(engine, cfg.rollout.num_workers, cfg.rollout.cpus_per_worker,
-                           cfg.rollout.gpus_per_worker, cfg.run_name)
+        # The reward actor first: it loads its model while the rollout pool starts its engines (the pool waits).
         scorer = placement(cfg.reward_actor.num_gpus > 0, cfg.reward_dtype)
         reward = ray.remote(RewardWorker).options(
             num_cpus=cfg.reward_actor.num_cpus, num_gpus=cfg.reward_actor.num_gpus,
+            scheduling_strategy=_reward_placement(cfg),
         ).remote(cfg.reward_model, scorer.device_type, cfg.reward_dtype, cfg.trust_remote_code)
+        pool = RolloutPool(engine, cfg.rollout.num_workers, cfg.rollout.cpus_per_worker,
+                           cfg.rollout.gpus_per_worker, cfg.run_name)
         _publish_policy(core, start, pool)
     log = tracker(cfg, folder, "rlhf", resume_step=start if start else None) if ctx.is_main else None
     sampling = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
