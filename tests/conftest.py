@@ -29,15 +29,18 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
             for family in CHAT_FAMILIES}
 
 
-def make_lora(base: Path, out: Path, seed: int, rank: int = 8, targets=("q_proj", "v_proj", "o_proj", "down_proj")):
-    """A LoRA adapter with random (non-zero) A and B, so it visibly changes the base's output."""
+def make_lora(base: Path, out: Path, seed: int, rank: int = 8, targets=("q_proj", "v_proj", "o_proj", "down_proj"),
+              rank_pattern: dict | None = None):
+    """A LoRA adapter with random (non-zero) A and B, so it visibly changes the base's output; ``rank_pattern``
+    gives some modules another rank (PEFT's per-module ranks)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
-                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+                                      rank_pattern=rank_pattern or {}, init_lora_weights=False,
+                                      task_type="CAUSAL_LM"))
     model.save_pretrained(out)
     return out
 

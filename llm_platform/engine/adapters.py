@@ -186,9 +186,18 @@ def _check_finite(folder: Path) -> None:
                 raise AdapterError(f"adapter {folder}: tensor {key!r} holds {bad} NaN or infinite values")
 
 
+def _module_rank(fields: _LoraFields, module: str) -> int:
+    """The rank PEFT gives ``module``: the first ``rank_pattern`` key that is a dot-bounded suffix of its name
+    (PEFT's and vLLM's PEFTHelper's rule), else ``r``."""
+    for key, value in (fields.rank_pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return fields.r
+
+
 def _check_lora(folder: Path, fields: _LoraFields, shapes: dict, base_config: PretrainedConfig,
                 max_rank: int) -> AdapterInfo:
-    rank = fields.r
+    rank = max([fields.r, *(fields.rank_pattern or {}).values()])
     if rank > max_rank:
         try:
             needed = f"engine.max_lora_rank >= {lora_slot_rank(rank)} in the serve config"
@@ -209,7 +218,8 @@ def _check_lora(folder: Path, fields: _LoraFields, shapes: dict, base_config: Pr
             raise AdapterError(f"adapter {folder}: targets {module!r}, which the base model does not have "
                                f"as a linear layer (the adapter was made for another architecture)")
         in_features, out_features = linears[module]
-        expected = (rank, in_features) if ab == "A" else (out_features, rank)
+        module_rank = _module_rank(fields, module)
+        expected = (module_rank, in_features) if ab == "A" else (out_features, module_rank)
         if shape != expected:
             raise AdapterError(f"adapter {folder}: {module} lora_{ab} has shape {list(shape)}, the base needs "
                                f"{list(expected)} (was it trained on a base of another size?)")

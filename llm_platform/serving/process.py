@@ -32,7 +32,7 @@ def wait_healthy(process: subprocess.Popen, health_url: str, timeout: float, log
                 return True
         except httpx.HTTPError:
             pass
-        time.sleep(2)
+        time.sleep(0.5)
     return False
 
 

@@ -39,6 +39,21 @@ def test_rank_above_the_configured_maximum_is_refused(adapters, configs):
         inspect_adapter(adapters["tiny-s"]["lora"], configs["tiny-s"], max_rank=4)
 
 
+def test_per_module_ranks_are_checked_module_by_module(tiny_models, configs, tmp_path: Path):
+    """PEFT's ``rank_pattern``: the adapter's rank is its largest, and each module's weights have its own."""
+    from tests.conftest import make_lora
+
+    path = make_lora(tiny_models["tiny-s"], tmp_path / "pattern", seed=0, rank=8, rank_pattern={"down_proj": 16})
+    info = inspect_adapter(path, configs["tiny-s"], max_rank=16)
+    assert info.rank == 16 and "down_proj" in info.target_modules
+    with pytest.raises(AdapterError, match=r"LoRA rank 16 is above this model's max_lora_rank 8"):
+        inspect_adapter(path, configs["tiny-s"], max_rank=8)
+    config = json.loads((path / "adapter_config.json").read_text())  # a pattern its weights do not follow
+    (path / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"down_proj": 8}}))
+    with pytest.raises(AdapterError, match=r"down_proj lora_A has shape \[16, \d+\], the base needs \[8, \d+\]"):
+        inspect_adapter(path, configs["tiny-s"], max_rank=16)
+
+
 def test_kind_mismatch_and_unsupported_types(adapters, configs, tmp_path: Path):
     with pytest.raises(AdapterError, match="is a lora adapter, not soft_prompt"):
         inspect_adapter(adapters["tiny-s"]["lora"], configs["tiny-s"], expected_kind="soft_prompt")

@@ -19,8 +19,10 @@ from tests.conftest import make_lora
 
 QV = ("q_proj", "v_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# (rank, targets): more adapters than the engine's max_loras (4), so slots are reused.
-LORA_SPECS = [(8, QV), (16, ALL_LINEAR), (64, QV), (64, ALL_LINEAR), (8, ALL_LINEAR)]
+# (rank, targets, rank_pattern): more adapters than the engine's max_loras (4), so slots are reused; the last
+# gives its MLP down projections rank 32 beside rank 8 elsewhere (PEFT's per-module ranks).
+LORA_SPECS = [(8, QV, None), (16, ALL_LINEAR, None), (64, QV, None), (64, ALL_LINEAR, None),
+              (8, ALL_LINEAR, {"down_proj": 32})]
 PROMPTS = ["Review: The camera is superb. Is this review positive or negative?\nAnswer:",
            "The weather today is"]
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -178,10 +180,10 @@ def test_plugin_refuses_another_vllm_version(monkeypatch):
 def mixed_loras(tiny_models, tmp_path_factory):
     """``mixed_loras[size]``: one AdapterRef per LORA_SPECS entry."""
     root = tmp_path_factory.mktemp("mixed-loras")
-    return {size: [AdapterRef(name=f"{size}-r{rank}-{len(targets)}", kind="lora",
+    return {size: [AdapterRef(name=f"{size}-r{rank}-{len(targets)}{'-pattern' if pattern else ''}", kind="lora",
                               path=str(make_lora(tiny_models[size], root / f"{size}-{i}", seed=100 + i, rank=rank,
-                                                 targets=targets)))
-                   for i, (rank, targets) in enumerate(LORA_SPECS)]
+                                                 targets=targets, rank_pattern=pattern)))
+                   for i, (rank, targets, pattern) in enumerate(LORA_SPECS)]
             for size in TINY_NAMES}
 
 
