@@ -110,9 +110,10 @@ def lora_slot_rank(rank: int) -> int:
     return fitting[0]
 
 
-def lora_rank_of(peft_config: dict) -> int:
+def lora_rank_of(peft_config: dict | _LoraFields) -> int:
     """The largest rank of a LoRA adapter's ``adapter_config.json`` (``r``, or a larger one in ``rank_pattern``)."""
-    return max([peft_config["r"], *(peft_config.get("rank_pattern") or {}).values()])
+    fields = peft_config if isinstance(peft_config, _LoraFields) else _LoraFields.model_validate(peft_config)
+    return max([fields.r, *(fields.rank_pattern or {}).values()])
 
 
 def load_soft_prompt(path: str | Path) -> torch.Tensor:
@@ -197,7 +198,7 @@ def _module_rank(fields: _LoraFields, module: str) -> int:
 
 def _check_lora(folder: Path, fields: _LoraFields, shapes: dict, base_config: PretrainedConfig,
                 max_rank: int) -> AdapterInfo:
-    rank = max([fields.r, *(fields.rank_pattern or {}).values()])
+    rank = lora_rank_of(fields)
     if rank > max_rank:
         try:
             needed = f"engine.max_lora_rank >= {lora_slot_rank(rank)} in the serve config"
