@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     bserve.add_argument("--stream", action="store_true",
                         help="HTTP clients stream (server-sent events, usage in the last event) as vLLM's "
                              "benchmark client does")
+    bserve.add_argument("--rounds", type=int, default=3,
+                        help="alternating platform / vLLM-server rounds at the most clients (both servers up)")
     bserve.set_defaults(run=_bench_serve)
 
     evaluate = commands.add_parser("eval", help="the course's experiments").add_subparsers(dest="action",
@@ -205,7 +207,9 @@ def _bench_serve(args) -> None:
     from llm_platform.bench import serve as bench
     from llm_platform.report import format_table, write_json
 
-    summary = bench.run(args.models_dir, sorted(args.clients), stream=args.stream)
+    if args.rounds < 1:
+        raise PlatformError(f"--rounds must be at least 1, not {args.rounds}")
+    summary = bench.run(args.models_dir, sorted(args.clients), stream=args.stream, rounds=args.rounds)
     print("\n" + format_table(summary["rows"]))
     print(f"\nat {summary['clients']} clients: platform_vs_engine={summary['platform_vs_engine']:.2f} "
           f"(goal >= 0.9)  single_adapter_vs_base={summary['single_adapter_vs_base']:.2f} (goal >= 0.9)  "
@@ -213,7 +217,9 @@ def _bench_serve(args) -> None:
           f"platform_vs_naive={summary['platform_vs_naive']:.2f} (goal >= 3)\n"
           f"platform_vs_vllm_serve={summary['platform_vs_vllm_serve']:.2f} (goal >= 0.9)  "
           f"platform_vs_vllm_serve_mixed_adapters={summary['platform_vs_vllm_serve_mixed_adapters']:.2f} "
-          f"(goal >= 0.9)")
+          f"(goal >= 0.9; medians of {len(summary['head_to_head'])} alternating rounds: "
+          f"{', '.join(f'{r:.2f}' for r in summary['platform_vs_vllm_serve_rounds'])} / "
+          f"{', '.join(f'{r:.2f}' for r in summary['platform_vs_vllm_serve_mixed_adapters_rounds'])})")
     if args.json:
         write_json(args.json, summary)
     if args.plot:

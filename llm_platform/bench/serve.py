@@ -15,6 +15,7 @@ and the platform with one LoRA adapter, and with 8 mixed into one stream, versus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -113,52 +114,114 @@ def vllm_model(job: Job) -> str:
     return job.model_suffix[1:] or "tiny-l"  # vLLM's server names LoRA modules on their own: bench-3
 
 
-async def bench_http(url: str, headers: dict, clients: list[int], requests_for, mixed: int,
-                     name: str = "platform", model=platform_model, single: bool = True,
-                     stream: bool = False) -> list[Run]:
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
-                                 limits=httpx.Limits(max_connections=256)) as http:
-        async def call(job: Job) -> int:
-            body = {"model": model(job), "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0}
-            if not stream:
-                response = await http.post("/v1/completions", json=body)
-                response.raise_for_status()
-                return response.json()["usage"]["completion_tokens"]
-            # As vLLM's benchmark client streams: server-sent events, the usage in the last one.
-            body |= {"stream": True, "stream_options": {"include_usage": True}}
-            produced = None
-            async with http.stream("POST", "/v1/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        event = json.loads(line[6:])
-                        if "error" in event:
-                            raise RuntimeError(f"{name}: error mid-stream: {event['error']}")
-                        produced = (event.get("usage") or {}).get("completion_tokens", produced)
-            if produced is None:
-                raise RuntimeError(f"{name}: the stream ended without usage")
-            return produced
+def http_call(http: httpx.AsyncClient, name: str, model, stream: bool):
+    """``call(job)`` for :func:`drive`: one completion request over ``http``; returns the tokens generated."""
 
-        await drive(name, 2, workload(4, seed=99), call)
-        await drive(name, 8, workload(16, seed=98, adapters=mixed), call)  # loads every adapter once
+    async def call(job: Job) -> int:
+        body = {"model": model(job), "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0}
+        if not stream:
+            response = await http.post("/v1/completions", json=body)
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
+        # As vLLM's benchmark client streams: server-sent events, the usage in the last one.
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        produced = None
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RuntimeError(f"{name}: error mid-stream: {event['error']}")
+                    produced = (event.get("usage") or {}).get("completion_tokens", produced)
+        if produced is None:
+            raise RuntimeError(f"{name}: the stream ended without usage")
+        return produced
+
+    return call
+
+
+def http_client(url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=256))
+
+
+async def warm_up(name: str, call, mixed: int) -> None:
+    await drive(name, 2, workload(4, seed=99), call)
+    await drive(name, 8, workload(16, seed=98, adapters=mixed), call)  # loads every adapter once
+
+
+async def bench_http(url: str, clients: list[int], requests_for, mixed: int, stream: bool = False) -> list[Run]:
+    """The platform at each client count, then with one adapter and with ``mixed`` adapters at the most."""
+    async with http_client(url) as http:
+        call = http_call(http, "platform", platform_model, stream)
+        await warm_up("platform", call, mixed)
         runs = []
         for c in clients:
-            runs.append(await drive(name, c, workload(requests_for("platform", c), seed=c), call))
-            print(f"  {name:9s} clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
+            runs.append(await drive("platform", c, workload(requests_for("platform", c), seed=c), call))
+            print(f"  platform  clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
         c = max(clients)
-        if single:
-            one = [Job(j.prompt, j.max_tokens, ":bench-0") for j in workload(requests_for("platform", c), seed=c)]
-            runs.append(await drive(f"{name}+1lora", c, one, call))
-            print(f"  {name}+1 LoRA  clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
-        runs.append(await drive(f"{name}+{mixed}lora", c, workload(requests_for("platform", c), seed=c,
-                                                                    adapters=mixed), call))
-        print(f"  {name}+{mixed} LoRAs clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
+        one = [Job(j.prompt, j.max_tokens, ":bench-0") for j in workload(requests_for("platform", c), seed=c)]
+        runs.append(await drive("platform+1lora", c, one, call))
+        print(f"  platform+1 LoRA  clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
+        runs.append(await drive(f"platform+{mixed}lora", c, workload(requests_for("platform", c), seed=c,
+                                                                     adapters=mixed), call))
+        print(f"  platform+{mixed} LoRAs clients={c:3d} {runs[-1].row()['tokens_per_s']:8.1f} tok/s", flush=True)
         return runs
 
 
-def bench_vllm_server(base: str, adapters: list[Path], clients: list[int], requests_for, work: Path,
-                      stream: bool = False) -> list[Run]:
-    """vLLM's own OpenAI server on the same model, engine settings and adapters, driven by the same client."""
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and its children (the ones alive now)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
+async def head_to_head(systems: dict[str, tuple[str, object, int]], clients: int, requests: int, mixed: int,
+                       rounds: int, stream: bool = False) -> list[dict]:
+    """The platform and vLLM's server, both running, measured in alternating short rounds (A B, then B A, ...)
+    on the same requests, base and ``mixed`` adapters, so that the load other work puts on a shared machine
+    falls on both alike; one phase per system minutes apart gave the same code 0.46-1.04. ``systems``: name ->
+    (url, model naming, server pid). Each measurement records the CPU seconds the *idle* system's processes used
+    meanwhile (the platform's Ray processes do not sleep entirely), so that bias is visible, not hidden."""
+    async with contextlib.AsyncExitStack() as stack:
+        calls = {}
+        for name, (url, model, _) in systems.items():
+            calls[name] = http_call(await stack.enter_async_context(http_client(url)), name, model, stream)
+            await warm_up(name, calls[name], mixed)
+        results = []
+        names = list(systems)
+        for r in range(rounds):
+            row = {"round": r + 1}
+            for name in names if r % 2 == 0 else names[::-1]:
+                for label, adapters in (("", 0), (f"+{mixed}lora", mixed)):
+                    others = {o: _tree_cpu_s(systems[o][2]) for o in names if o != name}
+                    run = await drive(name + label, clients, workload(requests, seed=1000 + r, adapters=adapters),
+                                      calls[name])
+                    row[name + label] = run.row()["tokens_per_s"]
+                    row[f"idle_cpu_s_during_{name}{label}"] = {
+                        o: round(_tree_cpu_s(systems[o][2]) - before, 2) for o, before in others.items()}
+                    row[f"seconds_{name}{label}"] = round(run.seconds, 2)
+            print(f"  round {r + 1}: " + "  ".join(f"{k} {v:.0f}" for k, v in row.items()
+                                                     if isinstance(v, float) and not k.startswith("seconds")),
+                  flush=True)
+            results.append(row)
+        return results
+
+
+@contextlib.contextmanager
+def vllm_server(base: str, adapters: list[Path], work: Path):
+    """vLLM's own OpenAI server on the same model, engine settings and adapters: yields (url, pid)."""
     import os
     import signal
     import subprocess
@@ -178,9 +241,7 @@ def bench_vllm_server(base: str, adapters: list[Path], clients: list[int], reque
     try:
         if not wait_healthy(server, f"http://127.0.0.1:{port}/health", 600, log):
             raise TimeoutError(f"vLLM's server was not healthy after 600 s; see {log}")
-        return asyncio.run(bench_http(f"http://127.0.0.1:{port}", {}, [max(clients)], requests_for, len(adapters),
-                                      name="vllm-serve", model=vllm_model, single=False,
-                                      stream=stream))
+        yield f"http://127.0.0.1:{port}", server.pid
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -204,9 +265,10 @@ def make_adapters(base: Path, out: Path, count: int) -> list[Path]:
     return paths
 
 
-def run(models_dir: str, clients: list[int], workdir: str | None = None, stream: bool = False) -> dict:
+def run(models_dir: str, clients: list[int], workdir: str | None = None, stream: bool = False,
+        rounds: int = 3) -> dict:
     """``stream``: the HTTP clients stream (server-sent events, as vLLM's benchmark client) instead of
-    waiting for whole responses."""
+    waiting for whole responses. ``rounds``: alternating platform / vLLM-server rounds (see :func:`head_to_head`)."""
     from llm_platform.serving.process import ServerProcess
 
     models = build_tiny_models(models_dir)
@@ -217,7 +279,7 @@ def run(models_dir: str, clients: list[int], workdir: str | None = None, stream:
         # The naive server handles one request at a time, so more requests only take longer.
         return 12 if system == "naive" else max(16, 2 * c)
 
-    mixed = 8
+    mixed, top = 8, max(clients)
     print("[1/4] naive baseline: transformers + PEFT, one request at a time", flush=True)
     runs = asyncio.run(bench_engine("transformers", base, clients, requests_for))
     print("[2/4] vLLM engine in-process", flush=True)
@@ -235,20 +297,28 @@ def run(models_dir: str, clients: list[int], workdir: str | None = None, stream:
         for i, path in enumerate(adapters):
             httpx.post(f"{server.url}/v1/adapters", timeout=60, json={
                 "name": f"bench-{i}", "base": "tiny-l", "kind": "lora", "source": str(path)}).raise_for_status()
-        runs += asyncio.run(bench_http(server.url, {}, clients, requests_for, mixed, stream=stream))
+        runs += asyncio.run(bench_http(server.url, clients, requests_for, mixed, stream=stream))
+        print(f"[4/4] against vLLM's own OpenAI server (what users would run instead): {rounds} alternating "
+              f"rounds at {top} clients, both servers up", flush=True)
+        with vllm_server(base, adapters, work) as (vllm_url, vllm_pid):
+            rows = asyncio.run(head_to_head(
+                {"platform": (server.url, platform_model, server.process.pid),
+                 "vllm-serve": (vllm_url, vllm_model, vllm_pid)},
+                top, requests_for("platform", top), mixed, rounds, stream=stream))
     finally:
         server.stop()
-    print("[4/4] vLLM's own OpenAI server (what users would run instead)", flush=True)
-    runs += bench_vllm_server(base, adapters, clients, requests_for, work, stream=stream)
-    return {**summarize(runs, max(clients), mixed), "stream": stream}
+    return {**summarize(runs, top, mixed, rows), "stream": stream}
 
 
-def summarize(runs: list[Run], top: int, mixed: int) -> dict:
+def summarize(runs: list[Run], top: int, mixed: int, rounds: list[dict]) -> dict:
     rows = [r.row() for r in runs]
     at = {(r["system"], r["clients"]): r for r in rows}
 
     def ratio(a: str, b: str) -> float:
         return at[(a, top)]["tokens_per_s"] / at[(b, top)]["tokens_per_s"]
+
+    def per_round(a: str, b: str) -> list[float]:
+        return [row[a] / row[b] for row in rounds]
 
     return {
         "rows": rows,
@@ -256,8 +326,13 @@ def summarize(runs: list[Run], top: int, mixed: int) -> dict:
         "single_adapter_vs_base": ratio("platform+1lora", "platform"),
         "mixed_adapters_vs_base": ratio(f"platform+{mixed}lora", "platform"),
         "platform_vs_naive": ratio("platform", "naive"),
-        "platform_vs_vllm_serve": ratio("platform", "vllm-serve"),
-        "platform_vs_vllm_serve_mixed_adapters": ratio(f"platform+{mixed}lora", f"vllm-serve+{mixed}lora"),
+        # Median of the alternating rounds' ratios (each round: both systems on the same requests, back to back).
+        "platform_vs_vllm_serve": statistics.median(per_round("platform", "vllm-serve")),
+        "platform_vs_vllm_serve_mixed_adapters": statistics.median(
+            per_round(f"platform+{mixed}lora", f"vllm-serve+{mixed}lora")),
+        "platform_vs_vllm_serve_rounds": per_round("platform", "vllm-serve"),
+        "platform_vs_vllm_serve_mixed_adapters_rounds": per_round(f"platform+{mixed}lora", f"vllm-serve+{mixed}lora"),
+        "head_to_head": rounds,
         "latency_s": {f"{r['system']}@{r['clients']}": {"p50": r["p50_s"], "p99": r["p99_s"]} for r in rows},
         "clients": top,
     }
@@ -269,7 +344,7 @@ def plot(summary: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_tput, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_tput, ax_lat, ax_h2h) = plt.subplots(1, 3, figsize=(16, 4.2))
     for system in dict.fromkeys(r["system"] for r in summary["rows"]):
         rows = [r for r in summary["rows"] if r["system"] == system]
         xs = [r["clients"] for r in rows]
@@ -282,6 +357,20 @@ def plot(summary: dict, path: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    rounds = summary["head_to_head"]
+    xs = [row["round"] for row in rounds]
+    for system, marker in (("platform", "o-"), ("vllm-serve", "s--")):
+        for label in ("", "+8lora"):
+            ax_h2h.plot(xs, [row[system + label] for row in rounds], marker, label=f"{system}{label}",
+                        alpha=1 if not label else 0.6)
+    ax_h2h.set_xlabel("round (systems alternate, both servers up)")
+    ax_h2h.set_ylabel(f"generated tokens / s at {summary['clients']} clients")
+    ax_h2h.set_xticks(xs)
+    ax_h2h.set_ylim(bottom=0)
+    ax_h2h.grid(alpha=0.3)
+    ax_h2h.legend(fontsize=8)
+    ax_h2h.set_title(f"platform / vLLM server: {summary['platform_vs_vllm_serve']:.2f} base, "
+                     f"{summary['platform_vs_vllm_serve_mixed_adapters']:.2f} mixed (medians)", fontsize=9)
     fig.suptitle(f"Serving tiny-l: platform/engine {summary['platform_vs_engine']:.2f}, "
                  f"platform/naive {summary['platform_vs_naive']:.2f}, "
                  f"mixed LoRAs/base {summary['mixed_adapters_vs_base']:.2f} (at {summary['clients']} clients)")
