@@ -16,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,7 +52,7 @@ class _LoraFields(_PeftFields):
     lora_bias: bool | None = False
     bias: str = "none"
     modules_to_save: list[str] | None = None
-    rank_pattern: dict[str, int] | None = None
+    rank_pattern: dict[str, Annotated[int, Field(ge=1)]] | None = None
     alpha_pattern: dict[str, float] | None = None
     layer_replication: list | None = None
 
@@ -187,11 +188,15 @@ def _check_finite(folder: Path) -> None:
                 raise AdapterError(f"adapter {folder}: tensor {key!r} holds {bad} NaN or infinite values")
 
 
-def _module_rank(fields: _LoraFields, module: str) -> int:
+def _module_rank(folder: Path, fields: _LoraFields, module: str) -> int:
     """The rank PEFT gives ``module``: the first ``rank_pattern`` key that is a dot-bounded suffix of its name
     (PEFT's and vLLM's PEFTHelper's rule), else ``r``."""
     for key, value in (fields.rank_pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            matched = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as exc:
+            raise AdapterError(f"adapter {folder}: rank_pattern key {key!r} is not a valid pattern ({exc})") from None
+        if matched:
             return value
     return fields.r
 
@@ -219,7 +224,7 @@ def _check_lora(folder: Path, fields: _LoraFields, shapes: dict, base_config: Pr
             raise AdapterError(f"adapter {folder}: targets {module!r}, which the base model does not have "
                                f"as a linear layer (the adapter was made for another architecture)")
         in_features, out_features = linears[module]
-        module_rank = _module_rank(fields, module)
+        module_rank = _module_rank(folder, fields, module)
         expected = (module_rank, in_features) if ab == "A" else (out_features, module_rank)
         if shape != expected:
             raise AdapterError(f"adapter {folder}: {module} lora_{ab} has shape {list(shape)}, the base needs "

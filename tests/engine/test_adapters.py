@@ -112,6 +112,8 @@ def _with_config(src: Path, out: Path, **changes) -> Path:
     ({"use_dora": True}, "sets use_dora, which vLLM cannot serve"),
     ({"bias": "all"}, "sets bias"),
     ({"rank_pattern": {"q_proj": "x"}}, "field 'rank_pattern.q_proj'"),
+    ({"rank_pattern": {"q_proj": 0}}, "field 'rank_pattern.q_proj': Input should be greater than or equal to 1"),
+    ({"rank_pattern": {"q_proj(": 8}}, "rank_pattern key 'q_proj\\(' is not a valid pattern"),
 ])
 def test_malformed_lora_config_fields_are_named(adapters, configs, tmp_path: Path, changes, message):
     folder = _with_config(adapters["tiny-s"]["lora"], tmp_path / "bad", **changes)
