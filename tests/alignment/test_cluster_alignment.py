@@ -8,8 +8,11 @@ them through the jobs' runtime environment."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -19,15 +22,18 @@ from tests.training.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-ACTORS = """
-import json, ray
-from ray.util.state import list_actors
-ray.init(logging_level="ERROR")
-head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) == 0]
-names = {"RolloutWorker", "RewardWorker", "RayTrainWorker"}
-actors = [a for a in list_actors(detail=True, limit=10000) if a.class_name in names]  # dead ones too
-print("ACTORS", json.dumps({"head": head, "actors": [[a.class_name, a.node_id] for a in actors]}))
-"""
+JOB_ACTORS = ("RolloutWorker", "RewardWorker", "RayTrainWorker")
+
+
+def actors_started(temp: Path) -> Counter:
+    """The job actors each node started, counted from its Ray session logs: every actor's process writes
+    ``:actor_name:CLASS`` into its ``worker-*.out`` when the actor starts. The logs stay when the actors and
+    the jobs are gone (the GCS forgets a finished job's dead actors, so a listing after the job can miss them)."""
+    counts = Counter()
+    for log in temp.glob("session_*/logs/worker-*.out"):
+        counts.update(name for name in re.findall(r":actor_name:(\w+)", log.read_text(errors="replace"))
+                      if name in JOB_ACTORS)
+    return counts
 
 
 def driver(ray_cluster, s3, module: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -37,17 +43,15 @@ def driver(ray_cluster, s3, module: str, *overrides: str) -> subprocess.Complete
     return run
 
 
-def actors_ran_off_the_head(ray_cluster) -> set[str]:
-    """The job actors' classes (dead ones too) that ran on the worker node; none ran on the head. Asked right
-    after each job: the GCS forgets a finished job's dead actors a few minutes later."""
-    result = ray_cluster.python(ACTORS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    seen = json.loads(next(x for x in result.stdout.splitlines() if x.startswith("ACTORS "))[7:])
-    assert not [name for name, node in seen["actors"] if node in seen["head"]], seen
-    return {name for name, _ in seen["actors"]}
+def actors_ran_off_the_head(ray_cluster, before: Counter) -> tuple[set[str], Counter]:
+    """The job actor classes the worker node started since ``before``; none ever started on the head."""
+    assert not actors_started(ray_cluster.head_temp), actors_started(ray_cluster.head_temp)
+    now = actors_started(ray_cluster.worker_temp)
+    return {name for name in JOB_ACTORS if now[name] > before[name]}, now
 
 
 def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray_cluster, s3, sft_chat_model):
+    started = actors_started(ray_cluster.worker_temp)
     sft = s3.uri("sft-chat-model")
     fs, path = open_filesystem(sft)
     pafs.copy_files(str(sft_chat_model), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -59,7 +63,8 @@ def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray
     reward_summary = json.loads(s3.read(f"{reward_out}/summary.json"))
     assert reward_summary["output"] == f"{reward_out}/model"
     assert {"config.yaml", "metrics.jsonl", "model/config.json", "model/model.safetensors"} <= set(s3.listing(reward_out))
-    assert "RayTrainWorker" in actors_ran_off_the_head(ray_cluster)
+    ran, started = actors_ran_off_the_head(ray_cluster, started)
+    assert ran == {"RayTrainWorker"}
 
     ppo_out = s3.uri("cluster-ppo")
     driver(ray_cluster, s3, "train_jobs.rlhf", "--config", "train_jobs/configs/local_rlhf.yaml",
@@ -75,7 +80,8 @@ def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray
     assert {"config.yaml", "summary.json", "adapter/adapter_model.safetensors"} <= listed
     assert any(p.startswith("ray/") and "checkpoint_" in p for p in listed)  # PPO's checkpoints in the store
     # The reward actor asks for no resources: it must still not land on the head (it is pinned to rank 0's node).
-    assert {"RolloutWorker", "RewardWorker", "RayTrainWorker"} <= actors_ran_off_the_head(ray_cluster)
+    ran, started = actors_ran_off_the_head(ray_cluster, started)
+    assert ran == {"RolloutWorker", "RewardWorker", "RayTrainWorker"}
 
     dpo_out = s3.uri("cluster-dpo")
     driver(ray_cluster, s3, "train_jobs.dpo", "--config", "train_jobs/configs/local_dpo.yaml", f"model={sft}",
@@ -85,4 +91,5 @@ def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray
     listed = set(s3.listing(dpo_out))
     assert {"config.yaml", "metrics.jsonl", "adapter/adapter_model.safetensors"} <= listed
     assert any(p.startswith("ray/") and "checkpoint_" in p for p in listed)
-    assert "RayTrainWorker" in actors_ran_off_the_head(ray_cluster)
+    ran, _ = actors_ran_off_the_head(ray_cluster, started)
+    assert ran == {"RayTrainWorker"}
