@@ -7,9 +7,10 @@ Systems, all on the same requests (tiny-l by default, prompts and output lengths
   vllm-serve  vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``, LoRA enabled,
               the same engine settings): what users would run instead of the platform
 and the platform with one LoRA adapter, and with 8 mixed into one stream, versus the base model only
-(vLLM's server too, with the same 8 adapters).
+(vLLM's server too, with the same 8 adapters). The platform and vLLM's server are compared head to head:
+both up, alternating short rounds at the most clients, medians of the per-round ratios.
 
-    llmp bench serve [--clients 1 8 32] [--json out.json] [--plot out.png]
+    llmp bench serve [--clients 1 8 32] [--rounds 3] [--stream] [--json out.json] [--plot out.png]
 """
 
 from __future__ import annotations
