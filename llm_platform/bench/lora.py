@@ -8,12 +8,11 @@ on a machine shared with other jobs). Same workload and adapters as ``llmp bench
 """
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
-import psutil
-
-from llm_platform.bench.serve import workload, drive, make_adapters
+from llm_platform.bench.serve import drive, make_adapters, tree_cpu_s, workload
 from llm_platform.engine import AdapterRef, EngineConfig, SamplingParams, build_engine
 from llm_platform.models.tiny import build_tiny_models
 
@@ -41,21 +40,12 @@ async def main(clients: int, n: int, repeats: int, work: Path):
         await drive("warm", 8, workload(16, seed=98, adapters=8), caller("mixed"))
         results = {m: [] for m in ("base", "single", "mixed")}
         cpu = {m: [] for m in ("base", "single", "mixed")}
-        me = psutil.Process()
-        def cpu_s():
-            total = 0.0
-            for p in [me] + me.children(recursive=True):
-                try:
-                    t = p.cpu_times(); total += t.user + t.system
-                except psutil.Error:
-                    pass
-            return total
         for r in range(repeats):
             for mode in ("base", "single", "mixed"):
-                c0 = cpu_s()
+                c0 = tree_cpu_s(os.getpid())
                 run = await drive(mode, clients, workload(n, seed=clients, adapters=8), caller(mode))
                 results[mode].append(run.tokens / run.seconds)
-                cpu[mode].append(run.tokens / (cpu_s() - c0))
+                cpu[mode].append(run.tokens / (tree_cpu_s(os.getpid()) - c0))
                 print(f"  {mode:7s} rep={r} {results[mode][-1]:8.1f} tok/s  {cpu[mode][-1]:8.1f} tok/cpu-s", flush=True)
         best = {m: max(v) for m, v in results.items()}
         bestc = {m: max(v) for m, v in cpu.items()}

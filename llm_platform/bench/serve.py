@@ -170,22 +170,22 @@ async def bench_http(url: str, clients: list[int], requests_for, mixed: int, str
         return runs
 
 
-def _tree_cpu_s(pid: int) -> float:
-    """CPU seconds used so far by a process and its children (the ones alive now)."""
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and its children (those alive now; 0 for any that are gone)."""
     import psutil
 
-    total = 0.0
+    def used(proc) -> float:
+        try:
+            times = proc.cpu_times()
+            return times.user + times.system
+        except psutil.Error:
+            return 0.0
+
     try:
         root = psutil.Process(pid)
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                times = proc.cpu_times()
-                total += times.user + times.system
-            except psutil.Error:
-                pass
+        return sum(used(proc) for proc in [root, *root.children(recursive=True)])
     except psutil.Error:
-        pass
-    return total
+        return 0.0
 
 
 async def head_to_head(systems: dict[str, tuple[str, object, int]], clients: int, requests: int, mixed: int,
@@ -206,12 +206,12 @@ async def head_to_head(systems: dict[str, tuple[str, object, int]], clients: int
             row = {"round": r + 1}
             for name in names if r % 2 == 0 else names[::-1]:
                 for label, adapters in (("", 0), (f"+{mixed}lora", mixed)):
-                    others = {o: _tree_cpu_s(systems[o][2]) for o in names if o != name}
+                    others = {o: tree_cpu_s(systems[o][2]) for o in names if o != name}
                     run = await drive(name + label, clients, workload(requests, seed=1000 + r, adapters=adapters),
                                       calls[name])
                     row[name + label] = run.row()["tokens_per_s"]
                     row[f"idle_cpu_s_during_{name}{label}"] = {
-                        o: round(_tree_cpu_s(systems[o][2]) - before, 2) for o, before in others.items()}
+                        o: round(tree_cpu_s(systems[o][2]) - before, 2) for o, before in others.items()}
                     row[f"seconds_{name}{label}"] = round(run.seconds, 2)
             print(f"  round {r + 1}: " + "  ".join(f"{k} {v:.0f}" for k, v in row.items()
                                                      if isinstance(v, float) and not k.startswith("seconds")),

@@ -189,16 +189,16 @@ def _check_finite(folder: Path) -> None:
 
 
 def _module_rank(folder: Path, fields: _LoraFields, module: str) -> int:
-    """The rank PEFT gives ``module``: the first ``rank_pattern`` key that is a dot-bounded suffix of its name
-    (PEFT's and vLLM's PEFTHelper's rule), else ``r``."""
-    for key, value in (fields.rank_pattern or {}).items():
+    """The rank PEFT gives ``module``: its ``rank_pattern`` entry by PEFT's own matching rule, else ``r``."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = fields.rank_pattern or {}
+    for key in pattern:
         try:
-            matched = re.match(rf"(.*\.)?({key})$", module)
+            re.compile(key)
         except re.error as exc:
             raise AdapterError(f"adapter {folder}: rank_pattern key {key!r} is not a valid pattern ({exc})") from None
-        if matched:
-            return value
-    return fields.r
+    return pattern.get(get_pattern_key(pattern.keys(), module), fields.r)
 
 
 def _check_lora(folder: Path, fields: _LoraFields, shapes: dict, base_config: PretrainedConfig,
