@@ -26,6 +26,8 @@ from llm_platform import console
 from llm_platform.storage import storage_env
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""Ray Train settings for a cluster that :func:`connect` starts on this machine (see there)."""
 
 
 def free_port() -> int:
@@ -62,6 +64,13 @@ def connect(num_cpus: int | None = None, log_to_driver: bool | None = None, logg
         context = ray.init(log_to_driver=log_to_driver, logging_level=logging_level,
                            runtime_env={"env_vars": env})
     else:
+        # Ray Train reads these from the driver's environment when a run starts and hands them to its
+        # controller. On a cluster of one machine nothing is preempted, and a controller that asks its few
+        # workers how they are every 0.2 s instead of 2 s notices a started, finished or failed worker
+        # group sooner: a 2-step LoRA SFT job on tiny-s took 10.5 s instead of 14.5 s (2 cores, three runs
+        # each). Left at Ray's defaults on real clusters, where many workers make a frequent poll costly.
+        for name, value in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(name, value)
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
