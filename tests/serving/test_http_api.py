@@ -103,17 +103,20 @@ def test_batched_streaming_keeps_every_piece_and_streams_as_it_goes(server):
                     arrivals.append(time.perf_counter())
         return events, arrivals
 
-    greedy = {"model": "tiny-s", "prompt": PROMPT, "max_tokens": 96, "temperature": 0, "ignore_eos": True}
+    # The largest model and a long answer: a generation many batching intervals long even on a fast machine
+    # (tiny-s once wrote 96 tokens within one 50 ms interval).
+    tokens = 200
+    greedy = {"model": "tiny-l", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     whole = httpx.post(url, headers=user, timeout=120, json=greedy).json()
     events, arrivals = streamed(greedy)
     pieces, usage = events[:-1], events[-1]["usage"]
-    assert len(pieces) == 96 and all(len(p["choices"]) == 1 for p in pieces)  # one event per token
+    assert len(pieces) == tokens and all(len(p["choices"]) == 1 for p in pieces)  # one event per token
     assert "".join(p["choices"][0]["text"] for p in pieces) == whole["choices"][0]["text"]
     assert pieces[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"] == "length"
     assert usage == whole["usage"]
     # Sent as they were generated, in several batches, not all at once at the end.
     reads = 1 + sum(b - a > 0.01 for a, b in zip(arrivals, arrivals[1:]))
-    assert reads >= 2 and arrivals[-2] - arrivals[0] > 0.05, (reads, arrivals[-2] - arrivals[0])
+    assert reads >= 3 and arrivals[-2] - arrivals[0] > 0.1, (reads, arrivals[-2] - arrivals[0])
 
     # n > 1 with a seed and log-probabilities: the streamed choices add up to the whole ones.
     sampled = {"model": "tiny-s", "prompt": PROMPT, "max_tokens": 12, "temperature": 0.8, "seed": 3, "n": 2,

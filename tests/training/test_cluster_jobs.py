@@ -26,6 +26,7 @@ from tests.training.conftest import REPO
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+STEPS = 120
 SFT = ["train_jobs.sft", "--config", "train_jobs/configs/local_lora.yaml", "optim.save_every=10", "optim.log_every=5",
        "data.eval_limit=32", "scaling.cpus_per_worker=1"]
 
@@ -60,24 +61,34 @@ def test_submitted_job_on_the_worker_node_survives_a_kill_and_publishes_everythi
     runtime_env = json.dumps({"env_vars": s3.env})
     submit = ["job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO), "--no-wait",
               "--runtime-env-json", runtime_env, "--", "python", "-m", *SFT, f"model={tiny_models['tiny-s']}",
-              f"output_dir={out}", "optim.max_steps=60"]
+              f"output_dir={out}", f"optim.max_steps={STEPS}"]
     result = subprocess.run([BIN / "ray", *submit], cwd=REPO, env=ray_cluster.env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", result.stdout + result.stderr).group(0)
 
+    def wait_for_checkpoints(n: int) -> None:
+        checked = time.time()
+        while time.time() < deadline:
+            if len({p.split("/")[0] for p in s3.listing(f"{out}/ray/sft-lora") if p.startswith("checkpoint_")}) >= n:
+                return
+            if time.time() - checked > 5:  # the CLI takes a second or two: asked now and then
+                assert job_status(ray_cluster, job_id) in ("PENDING", "RUNNING"), job_logs(ray_cluster, job_id)[-3000:]
+                checked = time.time()
+            time.sleep(0.2)
+        raise TimeoutError(f"fewer than {n} checkpoints in {out}/ray/sft-lora")
+
+    # Everything slow (listing files and actors through the cluster) is done once the first checkpoint is in S3;
+    # the worker is killed as soon as the second one (step 20 of STEPS) is: well before the end on any machine.
     deadline = time.time() + 400
-    while time.time() < deadline:  # kill once two checkpoints (steps 10, 20) are in S3, before the end
-        if len({p.split("/")[0] for p in s3.listing(f"{out}/ray/sft-lora") if p.startswith("checkpoint_")}) >= 2:
-            break
-        assert job_status(ray_cluster, job_id) in ("PENDING", "RUNNING"), job_logs(ray_cluster, job_id)[-3000:]
-        time.sleep(0.5)
+    wait_for_checkpoints(1)
     # Mid-run the outputs are staged on the worker node only (metrics.jsonl so far), never on the head.
     staged = ray_cluster.worker_files(staging)
     assert any(f.endswith("metrics.jsonl") for f in staged), staged
     assert not staging.exists()
     workers = train_workers(ray_cluster)
     assert len(workers) == 1
+    wait_for_checkpoints(2)
     os.kill(workers[0]["pid"], signal.SIGKILL)  # the nodes share this machine's process table
 
     while job_status(ray_cluster, job_id) in ("PENDING", "RUNNING") and time.time() < deadline + 400:
@@ -89,7 +100,7 @@ def test_submitted_job_on_the_worker_node_survives_a_kill_and_publishes_everythi
     rows = [json.loads(line) for line in s3.read(f"{out}/metrics.jsonl").decode().splitlines()]
     resumed = [r for r in rows if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] >= 10 and summary["resumed_from_step"] == resumed[0]["step"]
-    assert [r["step"] for r in rows if "loss" in r][-1] == 60
+    assert [r["step"] for r in rows if "loss" in r][-1] == STEPS
     assert [r["step"] for r in rows if "loss" in r][0] == 5  # rows from before the kill survived the restart
     assert summary["output"] == f"{out}/adapter"
     listed = s3.listing(out)
