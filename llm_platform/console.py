@@ -204,7 +204,11 @@ def _drain(relay) -> None:
 
 
 def _print_loop(relay, stop: threading.Event) -> None:
+    import ray
+
     while not stop.wait(0.3):
+        if not ray.is_initialized():  # shut down without stop_relay(): nothing left to relay
+            return
         try:
             _drain(relay)
         except Exception:  # cluster shut down under us

@@ -96,10 +96,12 @@ def ray_local():
     """One local Ray cluster in the test process, for jobs run in-process (training, tuning)."""
     import ray
 
+    from llm_platform import console
     from llm_platform.cluster import connect
 
     connect(num_cpus=2)
     yield
+    console.stop_relay()
     ray.shutdown()
 
 

@@ -1,16 +1,23 @@
-"""The reward model, PPO and DPO on the two-node cluster (tests/ray_cluster.py), chained through S3 as users
-chain them on a cluster: the SFT model is read from ``s3://``, the reward job publishes its model to S3,
-PPO reads both by URI and publishes its outputs there; DPO starts from the same SFT model. The drivers run where the test does (the head's
-view of the disks); the training workers, the reward actor and the vLLM rollout actor run on the worker
-node, whose disk the drivers cannot see. The cluster's nodes have no S3 variables: the drivers' reach
-them through the jobs' runtime environment."""
+"""The RLHF chain on the two-node cluster (tests/ray_cluster.py), chained through S3 as users chain it on a
+cluster: the SFT model is read from ``s3://``, the reward job publishes its model to S3, PPO reads both by URI
+and publishes its outputs there; DPO starts from the same SFT model. The drivers run where the test does (the
+head's view of the disks); the training workers, the reward actor and the vLLM rollout actor run on the worker
+node, whose disk the drivers cannot see. The cluster's nodes have no S3 variables: the drivers reach them
+through the jobs' runtime environment.
+
+PPO runs its whole local config here: the reward rises, KL stays bounded, the rollout actor's log-probabilities
+match the trainer's every iteration, and SIGKILLing the rollout actor mid-run costs a replacement on the worker
+node, not the run."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -36,11 +43,44 @@ def actors_started(temp: Path) -> Counter:
     return counts
 
 
-def driver(ray_cluster, s3, module: str, *overrides: str) -> subprocess.CompletedProcess:
-    run = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env={**ray_cluster.env, **s3.env},
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    return run
+def start_driver(ray_cluster, s3, module: str, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=REPO, env={**ray_cluster.env, **s3.env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(run: subprocess.Popen, timeout: float = 900) -> None:
+    stdout, stderr = run.communicate(timeout=timeout)
+    assert run.returncode == 0, stdout[-2000:] + stderr[-3000:]
+
+
+def driver(ray_cluster, s3, module: str, *overrides: str) -> None:
+    finish(start_driver(ray_cluster, s3, module, *overrides))
+
+
+def alive_actors(ray_cluster, class_name: str) -> list[dict]:
+    code = ("from ray.util.state import list_actors; import json; print('ACTORS', json.dumps([{'pid': a.pid, "
+            f"'node': a.node_id}} for a in list_actors(filters=[('class_name', '=', '{class_name}'), "
+            "('state', '=', 'ALIVE')])]))")
+    out = ray_cluster.python(code, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(next(x for x in out.stdout.splitlines() if x.startswith("ACTORS "))[7:])
+
+
+def kill_rollout_actor_at_first_checkpoint(ray_cluster, s3, ppo_out: str, run: subprocess.Popen) -> int:
+    """SIGKILL (as the OOM killer would) the rollout actor once the run's first checkpoint (iteration 2 of 12) is
+    in S3; the nodes share this machine's process table. Returns the killed PID."""
+    deadline, pid = time.time() + 600, None
+    while time.time() < deadline and run.poll() is None:
+        if pid is None:  # looked up once it is up: listing actors through the cluster takes seconds
+            actors = alive_actors(ray_cluster, "RolloutWorker")
+            pid = actors[0]["pid"] if actors else None
+            assert len(actors) <= 1, actors
+        if pid is not None and any("checkpoint_" in p for p in s3.listing(f"{ppo_out}/ray")):
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.2)
+    finish(run, timeout=1)
+    raise AssertionError("PPO ended (or timed out) before its first checkpoint reached S3")
 
 
 def actors_ran_off_the_head(ray_cluster, before: Counter) -> tuple[set[str], Counter]:
@@ -56,26 +96,36 @@ def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray
     fs, path = open_filesystem(sft)
     pafs.copy_files(str(sft_chat_model), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
-    reward_out = s3.uri("cluster-reward")
+    reward_out = s3.uri("cluster-reward")  # its whole local config: PPO needs a reward model that ranks replies
     driver(ray_cluster, s3, "train_jobs.reward_model", "--config", "train_jobs/configs/local_reward.yaml",
-           f"model={sft}", f"output_dir={reward_out}", "optim.max_steps=10", "optim.save_every=0",
-           "data.eval_limit=32")
+           f"model={sft}", f"output_dir={reward_out}", "optim.save_every=0")
     reward_summary = json.loads(s3.read(f"{reward_out}/summary.json"))
-    assert reward_summary["output"] == f"{reward_out}/model"
+    assert reward_summary["output"] == f"{reward_out}/model" and reward_summary["eval_accuracy"] >= 0.9
     assert {"config.yaml", "metrics.jsonl", "model/config.json", "model/model.safetensors"} <= set(s3.listing(reward_out))
     ran, started = actors_ran_off_the_head(ray_cluster, started)
     assert ran == {"RayTrainWorker"}
 
     ppo_out = s3.uri("cluster-ppo")
-    driver(ray_cluster, s3, "train_jobs.rlhf", "--config", "train_jobs/configs/local_rlhf.yaml",
-           f"policy_model={sft}", f"reward_model={reward_summary['output']}", f"output_dir={ppo_out}",
-           "ppo.iterations=2", "ppo.prompts_per_iteration=8", "ppo.minibatch_size=8", "ppo.save_every=1")
+    run = start_driver(ray_cluster, s3, "train_jobs.rlhf", "--config", "train_jobs/configs/local_rlhf.yaml",
+                       f"policy_model={sft}", f"reward_model={reward_summary['output']}", f"output_dir={ppo_out}")
+    killed = kill_rollout_actor_at_first_checkpoint(ray_cluster, s3, ppo_out, run)
+    assert killed not in [a["pid"] for a in alive_actors(ray_cluster, "RolloutWorker")]
+    finish(run)
+    summary = json.loads(s3.read(f"{ppo_out}/summary.json"))
     rows = [json.loads(line) for line in s3.read(f"{ppo_out}/metrics.jsonl").decode().splitlines()]
     rows = [r for r in rows if "reward_mean" in r]
+    print(json.dumps(summary, indent=2))
+    assert [r["iteration"] for r in rows] == list(range(1, 13))
+    assert summary["reward_last_quarter"] > summary["reward_first_quarter"] + 0.5
     # Every iteration the rollout actor (on the worker node) generated with the adapter version the trainer
-    # had just published to it: its log-probabilities equal the trainer's.
-    assert [r["iteration"] for r in rows] == [1, 2] and all(r["rollout_engine"] == "vllm" for r in rows)
-    assert max(r["logprob_abs_diff"] for r in rows) < 1e-2
+    # had just published to it: its log-probabilities equal the trainer's, the replacement's too.
+    assert all(r["rollout_engine"] == "vllm" for r in rows) and max(r["logprob_abs_diff"] for r in rows) < 1e-2
+    assert max(r["kl"] for r in rows) < 2.5 * 4.0  # the adaptive penalty holds KL near its target (kl_target 4)
+    assert summary["rollout_workers_replaced"] == 1 and rows[-1]["rollout_workers_replaced"] == 1
+    for key in ("iteration", "reward_mean", "reward_std", "kl", "kl_coef", "entropy", "policy_loss", "value_loss",
+                "clip_fraction", "response_length", "rollout_engine", "rollout_tokens_per_s", "logprob_abs_diff",
+                "generate_s", "score_s", "learn_s", "sync_s"):
+        assert key in rows[-1], key
     listed = set(s3.listing(ppo_out))
     assert {"config.yaml", "summary.json", "adapter/adapter_model.safetensors"} <= listed
     assert any(p.startswith("ray/") and "checkpoint_" in p for p in listed)  # PPO's checkpoints in the store
