@@ -211,15 +211,19 @@ def _bench_serve(args) -> None:
         raise PlatformError(f"--rounds must be at least 1, not {args.rounds}")
     summary = bench.run(args.models_dir, sorted(args.clients), stream=args.stream, rounds=args.rounds)
     print("\n" + format_table(summary["rows"]))
+    def rounds(key: str) -> str:
+        return ", ".join(f"{r:.2f}" for r in summary[f"{key}_rounds"])
+
     print(f"\nat {summary['clients']} clients: platform_vs_engine={summary['platform_vs_engine']:.2f} "
-          f"(goal >= 0.9)  single_adapter_vs_base={summary['single_adapter_vs_base']:.2f} (goal >= 0.9)  "
-          f"mixed_adapters_vs_base={summary['mixed_adapters_vs_base']:.2f} (goal >= 0.8)  "
-          f"platform_vs_naive={summary['platform_vs_naive']:.2f} (goal >= 3)\n"
-          f"platform_vs_vllm_serve={summary['platform_vs_vllm_serve']:.2f} (goal >= 0.9)  "
-          f"platform_vs_vllm_serve_mixed_adapters={summary['platform_vs_vllm_serve_mixed_adapters']:.2f} "
-          f"(goal >= 0.9; medians of {len(summary['head_to_head'])} alternating rounds: "
-          f"{', '.join(f'{r:.2f}' for r in summary['platform_vs_vllm_serve_rounds'])} / "
-          f"{', '.join(f'{r:.2f}' for r in summary['platform_vs_vllm_serve_mixed_adapters_rounds'])})")
+          f"(goal >= 0.9)  platform_vs_naive={summary['platform_vs_naive']:.2f} (goal >= 3)\n"
+          f"medians of {len(summary['head_to_head'])} alternating rounds (each round's ratios in brackets):\n"
+          f"single_adapter_vs_base={summary['single_adapter_vs_base']:.2f} (goal >= 0.9) "
+          f"[{rounds('single_adapter_vs_base')}]  mixed_adapters_vs_base={summary['mixed_adapters_vs_base']:.2f} "
+          f"(goal >= 0.8) [{rounds('mixed_adapters_vs_base')}]\n"
+          f"platform_vs_vllm_serve={summary['platform_vs_vllm_serve']:.2f} (goal >= 0.9) "
+          f"[{rounds('platform_vs_vllm_serve')}]  platform_vs_vllm_serve_mixed_adapters="
+          f"{summary['platform_vs_vllm_serve_mixed_adapters']:.2f} (goal >= 0.9) "
+          f"[{rounds('platform_vs_vllm_serve_mixed_adapters')}]")
     if args.json:
         write_json(args.json, summary)
     if args.plot:
