@@ -211,6 +211,7 @@ def _bench_serve(args) -> None:
         raise PlatformError(f"--rounds must be at least 1, not {args.rounds}")
     summary = bench.run(args.models_dir, sorted(args.clients), stream=args.stream, rounds=args.rounds)
     print("\n" + format_table(summary["rows"]))
+
     def rounds(key: str) -> str:
         return ", ".join(f"{r:.2f}" for r in summary[f"{key}_rounds"])
 

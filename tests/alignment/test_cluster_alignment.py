@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,12 +45,18 @@ def actors_started(temp: Path) -> Counter:
 
 
 def start_driver(ray_cluster, s3, module: str, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=REPO, env={**ray_cluster.env, **s3.env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Output into files, not pipes: nothing reads a pipe while the test watches the run, and a full one would
+    # stall the driver.
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    run = subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=REPO, env={**ray_cluster.env, **s3.env},
+                           stdout=out, stderr=err)
+    run.outputs = (out, err)
+    return run
 
 
 def finish(run: subprocess.Popen, timeout: float = 900) -> None:
-    stdout, stderr = run.communicate(timeout=timeout)
+    run.wait(timeout=timeout)
+    stdout, stderr = (f.seek(0) or f.read().decode(errors="replace") for f in run.outputs)
     assert run.returncode == 0, stdout[-2000:] + stderr[-3000:]
 
 
@@ -79,7 +86,9 @@ def kill_rollout_actor_at_first_checkpoint(ray_cluster, s3, ppo_out: str, run: s
             os.kill(pid, signal.SIGKILL)
             return pid
         time.sleep(0.2)
-    finish(run, timeout=1)
+    if run.poll() is None:
+        run.kill()
+    finish(run, timeout=30)  # shows the driver's output when it failed
     raise AssertionError("PPO ended (or timed out) before its first checkpoint reached S3")
 
 
