@@ -143,6 +143,15 @@ class TwoNodeCluster:
         return subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
                               timeout=timeout, **kwargs)
 
+    def actors(self, class_name: str) -> list[dict]:
+        """The cluster's live actors of ``class_name``: ``{"pid", "node"}`` each (Ray's state API, from a driver)."""
+        code = ("from ray.util.state import list_actors; import json; print('ACTORS', json.dumps([{'pid': a.pid, "
+                f"'node': a.node_id}} for a in list_actors(filters=[('class_name', '=', '{class_name}'), "
+                "('state', '=', 'ALIVE')])]))")
+        out = self.python(code, timeout=60)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(next(x for x in out.stdout.splitlines() if x.startswith("ACTORS "))[7:])
+
     def worker_files(self, folder: Path | str) -> list[str]:
         """The files under ``folder`` as the worker node sees them (relative paths; [] if it has none
         there): a task pinned to the worker node walks its private disk, which this process cannot see."""

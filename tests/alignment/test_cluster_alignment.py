@@ -64,22 +64,13 @@ def driver(ray_cluster, s3, module: str, *overrides: str) -> None:
     finish(start_driver(ray_cluster, s3, module, *overrides))
 
 
-def alive_actors(ray_cluster, class_name: str) -> list[dict]:
-    code = ("from ray.util.state import list_actors; import json; print('ACTORS', json.dumps([{'pid': a.pid, "
-            f"'node': a.node_id}} for a in list_actors(filters=[('class_name', '=', '{class_name}'), "
-            "('state', '=', 'ALIVE')])]))")
-    out = ray_cluster.python(code, timeout=60)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(next(x for x in out.stdout.splitlines() if x.startswith("ACTORS "))[7:])
-
-
 def kill_rollout_actor_at_first_checkpoint(ray_cluster, s3, ppo_out: str, run: subprocess.Popen) -> int:
     """SIGKILL (as the OOM killer would) the rollout actor once the run's first checkpoint (iteration 2 of 12) is
     in S3; the nodes share this machine's process table. Returns the killed PID."""
     deadline, pid = time.time() + 600, None
     while time.time() < deadline and run.poll() is None:
         if pid is None:  # looked up once it is up: listing actors through the cluster takes seconds
-            actors = alive_actors(ray_cluster, "RolloutWorker")
+            actors = ray_cluster.actors("RolloutWorker")
             pid = actors[0]["pid"] if actors else None
             assert len(actors) <= 1, actors
         if pid is not None and any("checkpoint_" in p for p in s3.listing(f"{ppo_out}/ray")):
@@ -118,7 +109,7 @@ def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray
     run = start_driver(ray_cluster, s3, "train_jobs.rlhf", "--config", "train_jobs/configs/local_rlhf.yaml",
                        f"policy_model={sft}", f"reward_model={reward_summary['output']}", f"output_dir={ppo_out}")
     killed = kill_rollout_actor_at_first_checkpoint(ray_cluster, s3, ppo_out, run)
-    assert killed not in [a["pid"] for a in alive_actors(ray_cluster, "RolloutWorker")]
+    assert killed not in [a["pid"] for a in ray_cluster.actors("RolloutWorker")]
     finish(run)
     summary = json.loads(s3.read(f"{ppo_out}/summary.json"))
     rows = [json.loads(line) for line in s3.read(f"{ppo_out}/metrics.jsonl").decode().splitlines()]

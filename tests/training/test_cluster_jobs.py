@@ -45,14 +45,6 @@ def job_logs(cluster, job_id: str) -> str:
     return ray_cli(cluster, "job", "logs", "--address", cluster.dashboard, job_id).stdout
 
 
-def train_workers(cluster) -> list[dict]:
-    code = ("from ray.util.state import list_actors; import json; print('ACTORS', json.dumps([{'pid': a.pid, "
-            "'node': a.node_id} for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker'), "
-            "('state', '=', 'ALIVE')])]))")
-    out = cluster.python(code, timeout=60)
-    return json.loads(next(x for x in out.stdout.splitlines() if x.startswith("ACTORS "))[7:])
-
-
 def test_submitted_job_on_the_worker_node_survives_a_kill_and_publishes_everything_to_s3(ray_cluster, s3,
                                                                                            tiny_models):
     out = s3.uri("cluster-sft")
@@ -86,7 +78,7 @@ def test_submitted_job_on_the_worker_node_survives_a_kill_and_publishes_everythi
     staged = ray_cluster.worker_files(staging)
     assert any(f.endswith("metrics.jsonl") for f in staged), staged
     assert not staging.exists()
-    workers = train_workers(ray_cluster)
+    workers = ray_cluster.actors("RayTrainWorker")
     assert len(workers) == 1
     wait_for_checkpoints(2)
     os.kill(workers[0]["pid"], signal.SIGKILL)  # the nodes share this machine's process table
