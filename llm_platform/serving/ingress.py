@@ -15,7 +15,9 @@ No request waits unboundedly for a model replica: a model with no running replic
 replaced after its engine died, or starting) is refused with 503 at once from that same
 view, and the wait in Serve's router for a replica to take a request (which the view can
 miss for up to a poll interval, and which also covers all replicas being busy) is bounded
-by ``max_queue_wait_s``, after which the client gets 503 with ``Retry-After``.
+by ``max_queue_wait_s``, after which the client gets 503 with ``Retry-After``. Nor for the
+adapter store: its manifest is read off the event loop and waited for at most ``STORE_WAIT_S``,
+so a store that stops answering holds up adapter requests only, each for that long at most.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from llm_platform.serving.sources import AdapterSources
 logger = logging.getLogger("ray.serve")
 STATUS_REFRESH_S = 1.0
 RETRY_AFTER_S = 5.0
+STORE_WAIT_S = 5.0  # the longest a request waits for the adapter store's manifest before a 503
 """What a 503 tells clients to wait when a replica restarts or the adapter store is away."""
 PUBLIC_PATHS = ("/healthz", "/health")
 ADMIN_PREFIX = "/v1/adapters"
@@ -223,6 +226,8 @@ class Ingress:
                            "adapters. Set LLMP_ADMIN_KEY outside local experiments.")
         self._manifest: dict[str, StoredAdapter] = {}
         self._manifest_at = 0.0
+        self._manifest_writes = 0  # this replica's registrations and deletions so far
+        self._manifest_read: asyncio.Future | None = None
         self._write_lock = asyncio.Lock()
         self._configs = {}
         self._running: dict[str, int] | None = None  # model id -> replicas Serve reports RUNNING
@@ -249,20 +254,20 @@ class Ingress:
     async def list_models(self, request: Request):
         self._authorize(request, "LLMP_API_KEY")
         data = [self._base_card(mid) for mid in self.specs]
-        data += [self._adapter_card(e) for e in self._known_adapters().values() if e.base in self.specs]
+        data += [self._adapter_card(e) for e in (await self._known_adapters()).values() if e.base in self.specs]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id}")
     async def get_model(self, model_id: str, request: Request):
         self._authorize(request, "LLMP_API_KEY")
-        base, adapter = self._resolve(model_id)
+        base, adapter = await self._resolve(model_id)
         return self._adapter_card(adapter) if adapter else self._base_card(base)
 
     @app.post("/tokenize")
     async def tokenize(self, body: TokenizeRequest, request: Request):
         """vLLM's /tokenize: the token ids a prompt (or chat messages, templated) becomes."""
         self._authorize(request, "LLMP_API_KEY")
-        base, _ = self._resolve(body.model)
+        base, _ = await self._resolve(body.model)
         messages = [m.for_template() for m in body.messages] if body.messages is not None else None
         tokens = await self._call(base, self.models[base].tokenize, body.prompt, messages, body.add_special_tokens,
                                   body.add_generation_prompt, body.continue_final_message,
@@ -275,7 +280,7 @@ class Ingress:
     @app.post("/detokenize")
     async def detokenize(self, body: DetokenizeRequest, request: Request):
         self._authorize(request, "LLMP_API_KEY")
-        base, _ = self._resolve(body.model)
+        base, _ = await self._resolve(body.model)
         return {"prompt": await self._call(base, self.models[base].detokenize, body.tokens)}
 
     @app.get("/version")
@@ -391,7 +396,7 @@ class Ingress:
                            code="unavailable", retry_after_s=RETRY_AFTER_S)
 
     async def _serve(self, kind: str, body, **prompt):
-        base, adapter = self._resolve(body.model)
+        base, adapter = await self._resolve(body.model)
         try:
             sampling = body.sampling_params()
         except SamplingError as exc:
@@ -434,7 +439,7 @@ class Ingress:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def _resolve(self, model_id: str):
+    async def _resolve(self, model_id: str):
         base, sep, name = model_id.partition(":")
         if base not in self.specs:
             raise APIError(404, f"model {model_id!r} does not exist; GET /v1/models lists the served ones",
@@ -442,7 +447,7 @@ class Ingress:
         self._check_available(base)
         if not sep:
             return base, None
-        entry = self._adapters().get(model_id)
+        entry = (await self._adapters()).get(model_id)
         if entry is None:
             raise APIError(404, f"adapter {name!r} is not registered for {base!r}", param="model",
                            code="model_not_found")
@@ -466,7 +471,7 @@ class Ingress:
             await asyncio.to_thread(self._inspect, folder, body.base, body.kind, max_tokens)
             async with self._write_lock:
                 entry = await asyncio.to_thread(self._store_call, store.put, body.base, body.name, body.kind, folder)
-                self._manifest_at = 0.0
+                self._manifest_changed()
         except AdapterError as exc:
             raise APIError(422, str(exc).replace(str(folder), body.source), param="source",
                            code="invalid_adapter") from None
@@ -477,7 +482,7 @@ class Ingress:
     @app.get("/v1/adapters")
     async def list_adapters(self, request: Request):
         self._authorize(request, "LLMP_ADMIN_KEY")
-        adapters = await asyncio.to_thread(self._adapters)
+        adapters = await self._adapters()
         return {"object": "list", "data": [self._adapter_card(e) for e in adapters.values()]}
 
     @app.delete("/v1/adapters/{model_id}")
@@ -487,7 +492,7 @@ class Ingress:
         store = await asyncio.to_thread(self._open_store)
         async with self._write_lock:
             entry = await asyncio.to_thread(self._store_call, store.remove, base, name)
-            self._manifest_at = 0.0
+            self._manifest_changed()
         if entry is None:
             raise APIError(404, f"adapter {model_id!r} is not registered", param="model_id", code="model_not_found")
         return {"id": model_id, "object": "adapter", "deleted": True}
@@ -524,17 +529,38 @@ class Ingress:
             raise APIError(503, f"the adapter store is unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
                                 f"retry later", code="adapter_store_unavailable", retry_after_s=RETRY_AFTER_S) from None
 
-    def _adapters(self) -> dict[str, StoredAdapter]:
-        """The store's manifest, re-read at most every ``sync_s`` (other ingress replicas may write)."""
+    async def _adapters(self) -> dict[str, StoredAdapter]:
+        """The store's manifest, re-read at most every ``sync_s`` (other ingress replicas may write).
+
+        The read runs off the event loop: on an object store it is a network round trip, and a store that stops
+        answering would otherwise stall every request of this replica, base models' included. One read at a
+        time, shared by the requests that find the manifest stale meanwhile; each waits for it at most
+        ``STORE_WAIT_S``, then gets a 503 (the read goes on, and the next request after it uses its result)."""
         if time.monotonic() - self._manifest_at > self.sync_s:
-            self._manifest = self._store_call(lambda: self._open_store().manifest())
-            self._manifest_at = time.monotonic()
+            if self._manifest_read is None or self._manifest_read.done():
+                self._manifest_read = asyncio.ensure_future(self._read_manifest())
+                self._manifest_read.add_done_callback(lambda read: read.cancelled() or read.exception())
+            try:
+                await asyncio.wait_for(asyncio.shield(self._manifest_read), STORE_WAIT_S)
+            except TimeoutError:
+                raise APIError(503, f"the adapter store did not answer within {STORE_WAIT_S:g} s; retry later",
+                               code="adapter_store_unavailable", retry_after_s=RETRY_AFTER_S) from None
         return self._manifest
 
-    def _known_adapters(self) -> dict[str, StoredAdapter]:
+    async def _read_manifest(self) -> None:
+        writes = self._manifest_writes
+        self._manifest = await asyncio.to_thread(self._store_call, lambda: self._open_store().manifest())
+        # A registration or deletion here during the read may be missing from it: read again next time.
+        self._manifest_at = time.monotonic() if writes == self._manifest_writes else 0.0
+
+    def _manifest_changed(self) -> None:
+        self._manifest_writes += 1
+        self._manifest_at = 0.0
+
+    async def _known_adapters(self) -> dict[str, StoredAdapter]:
         """For listings: the manifest, or the last one read while the store is away."""
         try:
-            return self._adapters()
+            return await self._adapters()
         except APIError:
             return self._manifest
 

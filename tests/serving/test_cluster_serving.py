@@ -2,12 +2,16 @@
 run on the worker node, the adapter store is ``s3://`` on a real S3 server (SeaweedFS), and only the
 launching process has the store's endpoint and keys. Over HTTP: register (from an ``s3://`` source and
 from a folder), replace while clients are being served, two registrations at once, delete, register
-the same name again, restart, serve. The worker node fetched each adapter from S3 into its own disk."""
+the same name again, restart, serve; then the store stops answering, and only adapter requests notice (a
+bounded wait, then 503). The worker node fetched each adapter from S3 into its own disk."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from llm_platform.engine import AdapterRef, SamplingParams
+from llm_platform.serving.ingress import STORE_WAIT_S
 from llm_platform.serving.process import ServerProcess
 from llm_platform.storage import open_filesystem
 from tests.conftest import make_lora
@@ -150,3 +155,28 @@ def test_adapter_lifecycle_on_the_worker_node_with_an_s3_store(cluster_server, r
     assert complete(cluster_server, "tiny-s:a").json()["choices"][0]["text"] == expected["v3"]
     assert complete(cluster_server, "tiny-s:b").json()["choices"][0]["text"] == expected["v3"]
     assert complete(cluster_server, "tiny-s:soft").json()["choices"][0]["text"] == expected["soft"]
+
+    # The store stops answering (its server process stopped): base requests are served as before, an adapter
+    # request waits for the store no longer than the ingress's bound and gets a 503 with Retry-After, and
+    # all recovers once the store answers again.
+    base_text = complete(cluster_server, "tiny-s").json()["choices"][0]["text"]
+    time.sleep(1)  # the ingress's manifest (adapter_sync_s 0.5) is due for a re-read
+    os.killpg(s3.process.pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            stalled = pool.submit(timed, complete, cluster_server, "tiny-s:b")
+            time.sleep(0.5)  # its manifest read is under way, and stuck
+            base, base_s = timed(complete, cluster_server, "tiny-s")
+            adapter, adapter_s = stalled.result()
+    finally:
+        os.killpg(s3.process.pid, signal.SIGCONT)
+    assert base.status_code == 200 and base.json()["choices"][0]["text"] == base_text and base_s < 3, base_s
+    assert adapter.status_code == 503, adapter.text
+    assert adapter.json()["error"]["code"] == "adapter_store_unavailable" and "retry-after" in adapter.headers
+    assert adapter_s < STORE_WAIT_S + 5, adapter_s
+    assert complete(cluster_server, "tiny-s:b").json()["choices"][0]["text"] == expected["v3"]
+
+
+def timed(fn, *args):
+    start = time.monotonic()
+    return fn(*args), time.monotonic() - start

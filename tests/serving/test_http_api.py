@@ -11,9 +11,8 @@ import torch
 from openai import OpenAI
 
 from llm_platform.engine import AdapterRef, SamplingParams
-from llm_platform.models.tiny import TINY_NAMES
 from tests.conftest import make_lora
-from tests.serving.conftest import API_KEY, LIMITS
+from tests.serving.conftest import API_KEY, LIMITS, SIZES
 
 pytestmark = pytest.mark.slow
 PROMPT = "Review: The lamp is lovely. Is this review positive or negative?\nAnswer:"
@@ -34,7 +33,7 @@ def reference(engines, loop, size, prompt=PROMPT, adapter=None, max_tokens=24):
     return loop.run(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens), adapter)).choices[0]
 
 
-@pytest.mark.parametrize("size", TINY_NAMES)
+@pytest.mark.parametrize("size", SIZES)
 def test_openai_client_lists_completes_chats_and_streams(size, client):
     assert size in [m.id for m in client.models.list().data]
     completion = client.completions.create(model=size, prompt=PROMPT, max_tokens=8, temperature=0)
@@ -103,10 +102,10 @@ def test_batched_streaming_keeps_every_piece_and_streams_as_it_goes(server):
                     arrivals.append(time.perf_counter())
         return events, arrivals
 
-    # The largest model and a long answer: a generation many batching intervals long even on a fast machine
+    # The larger model and a long answer: a generation many batching intervals long even on a fast machine
     # (tiny-s once wrote 96 tokens within one 50 ms interval).
     tokens = 200
-    greedy = {"model": "tiny-l", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    greedy = {"model": "tiny-m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     whole = httpx.post(url, headers=user, timeout=120, json=greedy).json()
     events, arrivals = streamed(greedy)
     pieces, usage = events[:-1], events[-1]["usage"]
@@ -215,17 +214,17 @@ def test_platform_metrics_reach_rays_prometheus_endpoint(server, client):
     import time
 
     for _ in range(3):
-        client.completions.create(model="tiny-l", prompt="Hello", max_tokens=5, temperature=0)
+        client.completions.create(model="tiny-m", prompt="Hello", max_tokens=5, temperature=0)
     deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
-        if "llmp_requests" in text and 'model="tiny-l"' in text and "llmp_time_to_first_token" in text:
+        if "llmp_requests" in text and 'model="tiny-m"' in text and "llmp_time_to_first_token" in text:
             break
         time.sleep(3)
-    lines = [line for line in text.splitlines() if line.startswith("ray_llmp_requests") and 'model="tiny-l"' in line
-             and 'status="ok"' in line]
+    lines = [line for line in text.splitlines() if line.startswith("ray_llmp_requests") and 'model="tiny-m"' in line
+             and 'adapter=""' in line and 'status="ok"' in line]  # base requests (tiny-m's adapters have their own)
     assert lines and float(lines[0].rsplit(" ", 1)[1]) >= 3
-    assert any(line.startswith("ray_llmp_generated_tokens") and 'model="tiny-l"' in line for line in text.splitlines())
+    assert any(line.startswith("ray_llmp_generated_tokens") and 'model="tiny-m"' in line for line in text.splitlines())
 
 
 def test_closed_by_default_authenticates_before_parsing_and_bounds_bodies(server):
