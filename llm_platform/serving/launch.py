@@ -6,10 +6,12 @@ import os
 import signal
 import threading
 
+import psutil
 import ray
 from ray import serve
 
 from llm_platform.serving.config import ServeConfig
+from llm_platform.serving.cpu_cores import keep_serving_off_engine_cores, record_node_cpus
 from llm_platform.serving.secrets import Secrets
 
 APP_NAME = "llm-platform"
@@ -24,6 +26,7 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
     init = {"_metrics_export_port": metrics_port} if metrics_port and started_here else {}
     if started_here:  # Ray's usual dashboard port, or a free one when another cluster on this host holds it
         init["dashboard_port"] = _port_or_free(8265)
+        record_node_cpus()
     context = ray.init(**init, logging_level="WARNING")
     secrets = Secrets.from_environment()
     if config.allow_unauthenticated_admin and "LLMP_ADMIN_KEY" not in secrets:
@@ -38,6 +41,8 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
         serve.start(http_options={"host": config.host, "port": config.port})
         print(f"deploying {', '.join(m.id for m in config.models)} ...", flush=True)
         serve.run(build(config, secrets), name=APP_NAME, route_prefix="/")
+        if started_here:  # this cluster serves alone: every process of it but vLLM's CPU workers keeps off theirs
+            keep_serving_off_engine_cores([psutil.Process(), *psutil.Process().children(recursive=True)])
         print(f"serving on http://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
         for line in monitoring_lines(context, metrics_port if started_here else None):
             print(line, flush=True)

@@ -26,6 +26,7 @@ from llm_platform.errors import SamplingError
 from llm_platform.serving import openai_format
 from llm_platform.serving.adapter_store import AdapterStore, StoredAdapter
 from llm_platform.serving.config import ModelSpec
+from llm_platform.serving.cpu_cores import keep_serving_off_engine_cores, widen_this_thread
 from llm_platform.serving.errors import APIError
 from llm_platform.serving.metrics import ServingMetrics
 from llm_platform.serving.secrets import Secrets
@@ -133,7 +134,9 @@ class ModelServer:
         self.spec = ModelSpec.model_validate(spec)
         self.model_id = self.spec.id
         (secrets or Secrets()).export("HF_TOKEN", *STORAGE_ENV)  # gated hub weights; s3:// adapters on any node
+        widen_this_thread()
         self.engine = build_engine(self.spec.engine.model_copy(update={"served_name": self.spec.id}))
+        keep_serving_off_engine_cores()  # on CPU: vLLM's worker cores for its workers alone (see cpu_cores.py)
         self.tokenizer = self.engine.tokenizer
         self.store_uri = store_uri
         self._store: AdapterStore | None = None  # opened on first use: the base serves while the store is away

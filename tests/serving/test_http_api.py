@@ -210,6 +210,30 @@ def test_bad_requests_get_openai_shaped_4xx(server, tiny_models, adapters, tmp_p
     assert complete(model="tiny-s", max_tokens=2).status_code == 200
 
 
+def test_vllm_cpu_workers_have_their_cores_to_themselves(server):
+    """vLLM binds each CPU worker's OpenMP threads to cores of their own: no other thread of the server's
+    cluster (Ray's daemons, Serve's proxy, controller, ingress and replicas, vLLM's engine cores) may run there
+    (llm_platform/serving/cpu_cores.py), and all of those others may still run somewhere."""
+    import os
+
+    import psutil
+
+    cluster = psutil.Process(server.process.pid).children(recursive=True)
+    workers = [p for p in cluster if " ".join(p.cmdline()).startswith("VLLM::Worker")]
+    assert len(workers) == len(SIZES)  # one per engine
+
+    def cores(proc) -> set[int]:
+        return set().union(*(os.sched_getaffinity(t.id) for t in proc.threads()))
+
+    engine = set().union(*(cores(w) for w in workers))
+    if not set(os.sched_getaffinity(0)) - engine:
+        pytest.skip(f"vLLM's workers hold every core of this machine ({sorted(engine)}): no core to keep")
+    others = [p for p in cluster if p not in workers]
+    assert len(others) > 10  # gcs, raylet, dashboard, agents, Serve's actors, engine cores
+    shared = {" ".join(p.cmdline())[:60]: sorted(cores(p) & engine) for p in others if cores(p) & engine}
+    assert not shared, (sorted(engine), shared)
+
+
 def test_platform_metrics_reach_rays_prometheus_endpoint(server, client):
     import time
 
