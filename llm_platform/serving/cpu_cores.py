@@ -5,8 +5,8 @@ worker by default, its "reserved" cores) to the processes around it: its engine 
 API server. Under Ray Serve there are more of them: Serve's controller and proxy, the ingress, the model
 replicas. Free to run anywhere, they land on the workers' cores as well, and every slice they take there stalls
 a forward pass. On 2 cores (tiny-l, 32 clients, 3 x 64 requests of 64 tokens, `llmp serve` alone on the
-machine), the load took 21.9-24.1 s with those processes kept on the reserved core and 29.0-29.6 s without;
-vLLM's own server took 21.1 s.
+machine), the load took 21.5-24.0 s in four runs with those processes kept on the reserved core and 29.0-29.6 s
+without; vLLM's own server took 21.1 s.
 
 Neither Ray nor vLLM places processes other than vLLM's workers, so this module does, and only that: once a
 replica's engine is up, every Serve process and every vLLM engine-core process of this Ray node (the processes

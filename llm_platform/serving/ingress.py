@@ -54,8 +54,9 @@ from llm_platform.serving.sources import AdapterSources
 logger = logging.getLogger("ray.serve")
 STATUS_REFRESH_S = 1.0
 RETRY_AFTER_S = 5.0
-STORE_WAIT_S = 5.0  # the longest a request waits for the adapter store's manifest before a 503
 """What a 503 tells clients to wait when a replica restarts or the adapter store is away."""
+STORE_WAIT_S = 5.0
+"""The longest a request waits for the adapter store's manifest before its 503."""
 PUBLIC_PATHS = ("/healthz", "/health")
 ADMIN_PREFIX = "/v1/adapters"
 app = FastAPI(title="llm-platform", description="OpenAI-compatible serving with hot-swapped adapters",
