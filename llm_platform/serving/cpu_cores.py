@@ -29,12 +29,24 @@ logger = logging.getLogger(__name__)
 SERVING_TITLES = ("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica:", "VLLM::EngineCore")
 WORKER_TITLE = "VLLM::Worker"
 NODE_CPUS_ENV = "LLMP_NODE_CPUS"  # set by a launcher whose own cluster's daemons may be narrowed
+CLUSTER_ENV = "LLMP_SERVING_CLUSTER"  # the launcher's pid, in the environment of every process of its cluster
 
 
 def record_node_cpus() -> None:
     """Before starting a cluster whose every process may be moved (see the module's text): the cores it may
-    use, for the processes that start later (they inherit the daemons' narrowed cores, and widen back to these)."""
+    use, for the processes that start later (they inherit the daemons' narrowed cores, and widen back to these),
+    and a mark every process of the cluster inherits (:func:`own_cluster`)."""
     os.environ[NODE_CPUS_ENV] = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
+    os.environ[CLUSTER_ENV] = str(os.getpid())
+
+
+def own_cluster() -> list[psutil.Process]:
+    """Every process of the cluster this process started after :func:`record_node_cpus`, itself included:
+    its descendants, and those carrying the mark elsewhere in the process tree (this one's /proc environment is
+    the one it started with, and some of Ray's processes start with an environment of their own)."""
+    me = psutil.Process()
+    found = {proc.pid: proc for proc in [me, *me.children(recursive=True), *_marked(CLUSTER_ENV, str(me.pid))]}
+    return list(found.values())
 
 
 def node_cpus() -> set[int] | None:
@@ -61,16 +73,19 @@ def _title(proc: psutil.Process) -> str:
     return " ".join(proc.cmdline())
 
 
-def _node_processes() -> list[psutil.Process]:
-    raylet = os.environ.get("RAY_RAYLET_PID")
+def _marked(variable: str, value: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.environ().get("RAY_RAYLET_PID") == raylet:
+            if proc.environ().get(variable) == value:
                 found.append(proc)
         except psutil.Error:
             continue
     return found
+
+
+def _node_processes() -> list[psutil.Process]:
+    return _marked("RAY_RAYLET_PID", os.environ["RAY_RAYLET_PID"])
 
 
 def _affinity(proc: psutil.Process) -> set[int]:

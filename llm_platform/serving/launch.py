@@ -6,12 +6,11 @@ import os
 import signal
 import threading
 
-import psutil
 import ray
 from ray import serve
 
 from llm_platform.serving.config import ServeConfig
-from llm_platform.serving.cpu_cores import keep_serving_off_engine_cores, record_node_cpus
+from llm_platform.serving.cpu_cores import keep_serving_off_engine_cores, own_cluster, record_node_cpus
 from llm_platform.serving.secrets import Secrets
 
 APP_NAME = "llm-platform"
@@ -42,7 +41,7 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
         print(f"deploying {', '.join(m.id for m in config.models)} ...", flush=True)
         serve.run(build(config, secrets), name=APP_NAME, route_prefix="/")
         if started_here:  # this cluster serves alone: every process of it but vLLM's CPU workers keeps off theirs
-            keep_serving_off_engine_cores([psutil.Process(), *psutil.Process().children(recursive=True)])
+            keep_serving_off_engine_cores(own_cluster())
         print(f"serving on http://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
         for line in monitoring_lines(context, metrics_port if started_here else None):
             print(line, flush=True)

@@ -7,6 +7,7 @@ import pytest
 from llm_platform.serving.process import ServerProcess
 
 ADMIN_KEY, API_KEY = "test-admin-key", "test-api-key"
+SERVER_MARK = "LLMP_TEST_SERVER"
 LIMITS = {"max_adapter_bytes": 4 * 2**20, "max_soft_prompt_tokens": 64, "max_request_bytes": 2**20}
 
 
@@ -35,7 +36,8 @@ def server(tiny_models, tmp_path_factory):
         "models": [{"id": name, "engine": {"model": str(path), "kind": "vllm", "max_model_len": 512},
                     "num_cpus": 0.5, "max_adapters": 4} for name, path in tiny_models.items() if name in SIZES],
     }
-    running = Server(config, root, env={"LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_API_KEY": API_KEY})
+    # SERVER_MARK marks every process of this server (Ray's daemons and workers, vLLM's processes inherit it).
+    running = Server(config, root, env={"LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_API_KEY": API_KEY, SERVER_MARK: str(root)})
     running.start()
     yield running
     running.stop()

@@ -22,9 +22,9 @@ import pytest
 from llm_platform.serving.adapter_store import AdapterStore
 from llm_platform.serving.process import ServerProcess
 from tests.conftest import make_lora
+from tests.serving.conftest import SERVER_MARK
 
 pytestmark = pytest.mark.slow
-SERVER_MARK = "LLMP_TEST_SERVER"
 PROMPT = "Review: The lamp is lovely. Is this review positive or negative?\nAnswer:"
 MAX_ONGOING, MAX_QUEUED = 4, 8
 QUEUE_WAIT_S = 3.0

@@ -12,7 +12,7 @@ from openai import OpenAI
 
 from llm_platform.engine import AdapterRef, SamplingParams
 from tests.conftest import make_lora
-from tests.serving.conftest import API_KEY, LIMITS, SIZES
+from tests.serving.conftest import API_KEY, LIMITS, SERVER_MARK, SIZES
 
 pytestmark = pytest.mark.slow
 PROMPT = "Review: The lamp is lovely. Is this review positive or negative?\nAnswer:"
@@ -218,12 +218,21 @@ def test_vllm_cpu_workers_have_their_cores_to_themselves(server):
 
     import psutil
 
-    cluster = psutil.Process(server.process.pid).children(recursive=True)
+    def marked(proc) -> bool:
+        try:
+            return proc.environ().get(SERVER_MARK) == str(server.workdir)
+        except psutil.Error:
+            return False
+
+    cluster = [p for p in psutil.process_iter() if marked(p)]
     workers = [p for p in cluster if " ".join(p.cmdline()).startswith("VLLM::Worker")]
     assert len(workers) == len(SIZES)  # one per engine
 
     def cores(proc) -> set[int]:
-        return set().union(*(os.sched_getaffinity(t.id) for t in proc.threads()))
+        try:
+            return set().union(*(os.sched_getaffinity(t.id) for t in proc.threads()))
+        except (psutil.Error, OSError):  # gone meanwhile
+            return set()
 
     engine = set().union(*(cores(w) for w in workers))
     if not set(os.sched_getaffinity(0)) - engine:
