@@ -45,7 +45,7 @@ def own_cluster() -> list[psutil.Process]:
     its descendants, and those carrying the mark elsewhere in the process tree (this one's /proc environment is
     the one it started with, and some of Ray's processes start with an environment of their own)."""
     me = psutil.Process()
-    found = {proc.pid: proc for proc in [me, *me.children(recursive=True), *_marked(CLUSTER_ENV, str(me.pid))]}
+    found = {proc.pid: proc for proc in [me, *me.children(recursive=True), *marked(CLUSTER_ENV, str(me.pid))]}
     return list(found.values())
 
 
@@ -73,7 +73,8 @@ def _title(proc: psutil.Process) -> str:
     return " ".join(proc.cmdline())
 
 
-def _marked(variable: str, value: str) -> list[psutil.Process]:
+def marked(variable: str, value: str) -> list[psutil.Process]:
+    """The processes whose environment sets ``variable`` to ``value`` (those of other users are skipped)."""
     found = []
     for proc in psutil.process_iter():
         try:
@@ -85,11 +86,15 @@ def _marked(variable: str, value: str) -> list[psutil.Process]:
 
 
 def _node_processes() -> list[psutil.Process]:
-    return _marked("RAY_RAYLET_PID", os.environ["RAY_RAYLET_PID"])
+    return marked("RAY_RAYLET_PID", os.environ["RAY_RAYLET_PID"])
 
 
-def _affinity(proc: psutil.Process) -> set[int]:
-    return set().union(*(os.sched_getaffinity(thread.id) for thread in proc.threads()))
+def process_cores(proc: psutil.Process) -> set[int]:
+    """The cores any thread of ``proc`` may run on (none for a process gone meanwhile)."""
+    try:
+        return set().union(*(os.sched_getaffinity(thread.id) for thread in proc.threads()))
+    except (psutil.Error, OSError):
+        return set()
 
 
 def keep_serving_off_engine_cores(cluster: list[psutil.Process] | None = None) -> dict[str, set[int]]:
@@ -105,7 +110,7 @@ def keep_serving_off_engine_cores(cluster: list[psutil.Process] | None = None) -
         try:
             title = _title(proc)
             if title.startswith(WORKER_TITLE):
-                engine |= _affinity(proc)
+                engine |= process_cores(proc)
             elif cluster is not None or title.startswith(SERVING_TITLES):
                 serving.append(proc)
         except (psutil.Error, OSError):

@@ -216,23 +216,11 @@ def test_vllm_cpu_workers_have_their_cores_to_themselves(server):
     (llm_platform/serving/cpu_cores.py), and all of those others may still run somewhere."""
     import os
 
-    import psutil
+    from llm_platform.serving.cpu_cores import marked, process_cores as cores
 
-    def marked(proc) -> bool:
-        try:
-            return proc.environ().get(SERVER_MARK) == str(server.workdir)
-        except psutil.Error:
-            return False
-
-    cluster = [p for p in psutil.process_iter() if marked(p)]
+    cluster = marked(SERVER_MARK, str(server.workdir))
     workers = [p for p in cluster if " ".join(p.cmdline()).startswith("VLLM::Worker")]
     assert len(workers) == len(SIZES)  # one per engine
-
-    def cores(proc) -> set[int]:
-        try:
-            return set().union(*(os.sched_getaffinity(t.id) for t in proc.threads()))
-        except (psutil.Error, OSError):  # gone meanwhile
-            return set()
 
     engine = set().union(*(cores(w) for w in workers))
     if not set(os.sched_getaffinity(0)) - engine:
