@@ -26,8 +26,10 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
-SERVING_TITLES = ("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica:", "VLLM::EngineCore")
-WORKER_TITLE = "VLLM::Worker"
+SERVE_TITLES = ("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica:")
+REPLICA_TITLE = "ray::ServeReplica:"
+ENGINE_TITLE, WORKER_TITLE = "VLLM::EngineCore", "VLLM::Worker"
+SPAWNED = "from multiprocessing.spawn import spawn_main"
 NODE_CPUS_ENV = "LLMP_NODE_CPUS"  # set by a launcher whose own cluster's daemons may be narrowed
 CLUSTER_ENV = "LLMP_SERVING_CLUSTER"  # the launcher's pid, in the environment of every process of its cluster
 
@@ -73,6 +75,40 @@ def _title(proc: psutil.Process) -> str:
     return " ".join(proc.cmdline())
 
 
+def vllm_role(proc: psutil.Process) -> str | None:
+    """``"engine"`` for a vLLM engine-core process that a Serve replica started, ``"worker"`` for one of its
+    workers, else None.
+
+    vLLM titles them (``VLLM::EngineCore``, ``VLLM::Worker``) with setproctitle, which fails in some processes:
+    where an environment variable set before the title replaced the first string of the process's environment,
+    setproctitle cannot find the command line's memory ("couldn't find argv from environ", with ``SPT_DEBUG=1``),
+    and the process keeps multiprocessing's command line. Which processes it hits changes from run to run: in one
+    test server of three, one model's engine core and worker. Where the title is missing,
+    the process tree decides: an engine core is what a replica spawned, a worker what an engine core spawned.
+    None as well for a process gone meanwhile."""
+    try:
+        return _vllm_role(proc)
+    except psutil.Error:
+        return None
+
+
+def _vllm_role(proc: psutil.Process) -> str | None:
+    title = _title(proc)
+    # Where setproctitle can set only the kernel's name, that name is cut to 15 characters (VLLM::EngineCor).
+    if any(name.startswith(ENGINE_TITLE[:15]) for name in (title, proc.name())):
+        return "engine"
+    if any(name.startswith(WORKER_TITLE) for name in (title, proc.name())):
+        return "worker"
+    if SPAWNED not in title:
+        return None
+    parent = proc.parent()
+    if parent is None:
+        return None
+    if _title(parent).startswith(REPLICA_TITLE):
+        return "engine"
+    return "worker" if _vllm_role(parent) == "engine" else None
+
+
 def marked(variable: str, value: str) -> list[psutil.Process]:
     """The processes whose environment sets ``variable`` to ``value`` (those of other users are skipped)."""
     found = []
@@ -108,10 +144,10 @@ def keep_serving_off_engine_cores(cluster: list[psutil.Process] | None = None) -
     serving: list[psutil.Process] = []
     for proc in _node_processes() if cluster is None else cluster:
         try:
-            title = _title(proc)
-            if title.startswith(WORKER_TITLE):
+            role = vllm_role(proc)
+            if role == "worker":
                 engine |= process_cores(proc)
-            elif cluster is not None or title.startswith(SERVING_TITLES):
+            elif cluster is not None or role == "engine" or _title(proc).startswith(SERVE_TITLES):
                 serving.append(proc)
         except (psutil.Error, OSError):
             continue

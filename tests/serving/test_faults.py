@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from llm_platform.serving.adapter_store import AdapterStore
+from llm_platform.serving.cpu_cores import vllm_role
 from llm_platform.serving.process import ServerProcess
 from tests.conftest import make_lora
 from tests.serving.conftest import SERVER_MARK
@@ -321,9 +322,8 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(fault_server, tmp_p
 
 
 def is_engine_core(process: psutil.Process) -> bool:
-    """vLLM titles its engine core ``VLLM::EngineCore``; where setproctitle cannot rewrite the command line
-    only the kernel's 15-character name changes (``VLLM::EngineCor``), so both are read, fresh each time."""
-    return "EngineCor" in " ".join([process.name()] + process.cmdline())
+    """By vLLM's title, or where setproctitle failed by the process tree (see ``cpu_cores.vllm_role``)."""
+    return vllm_role(process) == "engine"
 
 
 def live_processes():

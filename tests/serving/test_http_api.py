@@ -216,11 +216,11 @@ def test_vllm_cpu_workers_have_their_cores_to_themselves(server):
     (llm_platform/serving/cpu_cores.py), and all of those others may still run somewhere."""
     import os
 
-    from llm_platform.serving.cpu_cores import marked, process_cores as cores
+    from llm_platform.serving.cpu_cores import marked, process_cores as cores, vllm_role
 
     cluster = marked(SERVER_MARK, str(server.workdir))
-    workers = [p for p in cluster if " ".join(p.cmdline()).startswith("VLLM::Worker")]
-    assert len(workers) == len(SIZES)  # one per engine
+    workers = [p for p in cluster if vllm_role(p) == "worker"]
+    assert len(workers) == len([p for p in cluster if vllm_role(p) == "engine"]) == len(SIZES)  # one per engine
 
     engine = set().union(*(cores(w) for w in workers))
     if not set(os.sched_getaffinity(0)) - engine:
