@@ -188,6 +188,25 @@ def tree_cpu_s(pid: int) -> float:
         return 0.0
 
 
+QUIET_CORES = 0.25  # a system whose processes use fewer cores than this counts as idle
+
+
+async def quiet(pids: list[int], timeout: float = 15.0) -> float:
+    """Waits until the processes of ``pids`` and their children (the systems not measured next) together use
+    fewer than QUIET_CORES cores over half a second, at most ``timeout``; returns the seconds waited. A system
+    that has just served a load stays busy for about a second after its last answer: measured at once, the next
+    system shared the machine with it (the idle vLLM server used 1.02 and 0.89 CPU s during the two platform
+    runs that followed one of its own in docs/bench_serve_32_clients.json at 4f41132, 0.06-0.07 during the
+    other five, and those two runs gave the lowest ratios, 0.82 and 0.80)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = sum(tree_cpu_s(pid) for pid in pids)
+        await asyncio.sleep(0.5)
+        if (sum(tree_cpu_s(pid) for pid in pids) - before) / 0.5 < QUIET_CORES:
+            break
+    return round(time.monotonic() - started, 2)
+
+
 async def head_to_head(systems: dict[str, tuple[str, object, int]], clients: int, requests: int, mixed: int,
                        rounds: int, stream: bool = False) -> list[dict]:
     """The platform and vLLM's server, both running, measured in alternating short rounds (A B, then B A, ...)
@@ -196,7 +215,8 @@ async def head_to_head(systems: dict[str, tuple[str, object, int]], clients: int
     code 0.46-1.04, and one base phase then one adapter phase gave single_adapter_vs_base 0.74 where two more
     repeats of each (a profiler attached) ranged 382-524 tok/s (base) and 436-450 (one adapter). ``systems``: name ->
     (url, model naming, server pid). Each measurement records the CPU seconds the *idle* system's processes used
-    meanwhile (the platform's Ray processes do not sleep entirely), so that bias is visible, not hidden."""
+    meanwhile (the platform's Ray processes do not sleep entirely), so that bias is visible, not hidden; and
+    before each, the others are let go :func:`quiet`."""
     async with contextlib.AsyncExitStack() as stack:
         calls = {}
         for name, (url, model, _) in systems.items():
@@ -209,6 +229,7 @@ async def head_to_head(systems: dict[str, tuple[str, object, int]], clients: int
             row = {"round": r + 1}
             for name in names if r % 2 == 0 else names[::-1]:
                 for label, adapters in labels if r % 2 == 0 else labels[::-1]:
+                    row[f"quiet_s_before_{name}{label}"] = await quiet([systems[o][2] for o in names if o != name])
                     others = {o: tree_cpu_s(systems[o][2]) for o in names if o != name}
                     run = await drive(name + label, clients, workload(requests, seed=1000 + r, adapters=adapters),
                                       calls[name])
@@ -217,7 +238,7 @@ async def head_to_head(systems: dict[str, tuple[str, object, int]], clients: int
                         o: round(tree_cpu_s(systems[o][2]) - before, 2) for o, before in others.items()}
                     row[f"seconds_{name}{label}"] = round(run.seconds, 2)
             print(f"  round {r + 1}: " + "  ".join(f"{k} {v:.0f}" for k, v in row.items()
-                                                     if isinstance(v, float) and not k.startswith("seconds")),
+                                                     if isinstance(v, float) and not k.startswith(("seconds", "quiet"))),
                   flush=True)
             results.append(row)
         return results
