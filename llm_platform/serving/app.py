@@ -24,6 +24,10 @@ from llm_platform.serving.secrets import Secrets
 logger = logging.getLogger(__name__)
 BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}
 """What Serve answers itself when a queue is full: 503 with Retry-After (its default sends no Retry-After)."""
+DRAIN_CHECK_S = 0.5
+"""How often a stopping replica counts its requests in flight (Serve's graceful_shutdown_wait_loop_s). Serve
+waits one period before the first count, and stops an application's deployments one after the other: at its
+default, 2 s, an idle server took 8.4 s to stop (Ingress 2.0 s, then the model 2.0 s, then Ray)."""
 
 
 def model_deployment(spec: ModelSpec, config: ServeConfig, secrets: Secrets | None = None) -> Application:
@@ -33,7 +37,8 @@ def model_deployment(spec: ModelSpec, config: ServeConfig, secrets: Secrets | No
         name=f"model-{spec.id}", max_ongoing_requests=spec.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests, backpressure_config=BACKPRESSURE,
         ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
-        health_check_period_s=config.health_check_period_s, health_check_timeout_s=30, **scaling)
+        health_check_period_s=config.health_check_period_s, health_check_timeout_s=30,
+        graceful_shutdown_wait_loop_s=DRAIN_CHECK_S, **scaling)
     return deployment.bind(spec.model_dump(), config.adapter_store, config.adapter_sync_s, secrets)
 
 
@@ -47,7 +52,8 @@ def build(config: ServeConfig, secrets: Secrets | None = None) -> Application:
     models = {spec.id: model_deployment(spec, config, secrets) for spec in config.models}
     ingress = Ingress.options(max_ongoing_requests=config.ingress_max_ongoing_requests,
                               max_queued_requests=config.max_queued_requests,
-                              backpressure_config=BACKPRESSURE, ray_actor_options={"num_cpus": 0})
+                              backpressure_config=BACKPRESSURE, ray_actor_options={"num_cpus": 0},
+                              graceful_shutdown_wait_loop_s=DRAIN_CHECK_S)
     return ingress.bind(models, [s.model_dump() for s in config.models], config.adapter_store,
                         config.adapter_sync_s, secrets=secrets, adapter_sources=list(config.adapter_sources),
                         allow_unauthenticated_admin=config.allow_unauthenticated_admin,
