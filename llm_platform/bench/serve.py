@@ -237,9 +237,8 @@ async def head_to_head(systems: dict[str, tuple[str, object, int]], clients: int
                     row[f"idle_cpu_s_during_{name}{label}"] = {
                         o: round(tree_cpu_s(systems[o][2]) - before, 2) for o, before in others.items()}
                     row[f"seconds_{name}{label}"] = round(run.seconds, 2)
-            print(f"  round {r + 1}: " + "  ".join(f"{k} {v:.0f}" for k, v in row.items()
-                                                     if isinstance(v, float) and not k.startswith(("seconds", "quiet"))),
-                  flush=True)
+            shown = {k: v for k, v in row.items() if isinstance(v, float) and not k.startswith(("seconds", "quiet"))}
+            print(f"  round {r + 1}: " + "  ".join(f"{k} {v:.0f}" for k, v in shown.items()), flush=True)
             results.append(row)
         return results
 
