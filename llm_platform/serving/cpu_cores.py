@@ -26,8 +26,8 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
-SERVE_TITLES = ("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica:")
 REPLICA_TITLE = "ray::ServeReplica:"
+SERVE_TITLES = ("ray::ServeController", "ray::ProxyActor", REPLICA_TITLE)
 ENGINE_TITLE, WORKER_TITLE = "VLLM::EngineCore", "VLLM::Worker"
 SPAWNED = "from multiprocessing.spawn import spawn_main"
 NODE_CPUS_ENV = "LLMP_NODE_CPUS"  # set by a launcher whose own cluster's daemons may be narrowed
@@ -95,9 +95,10 @@ def vllm_role(proc: psutil.Process) -> str | None:
 def _vllm_role(proc: psutil.Process) -> str | None:
     title = _title(proc)
     # Where setproctitle can set only the kernel's name, that name is cut to 15 characters (VLLM::EngineCor).
-    if any(name.startswith(ENGINE_TITLE[:15]) for name in (title, proc.name())):
+    names = (title, proc.name())
+    if any(name.startswith(ENGINE_TITLE[:15]) for name in names):
         return "engine"
-    if any(name.startswith(WORKER_TITLE) for name in (title, proc.name())):
+    if any(name.startswith(WORKER_TITLE) for name in names):
         return "worker"
     if SPAWNED not in title:
         return None

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from llm_platform.serving.adapter_store import AdapterStore
-from llm_platform.serving.cpu_cores import vllm_role
+from llm_platform.serving.cpu_cores import marked, vllm_role
 from llm_platform.serving.process import ServerProcess
 from tests.conftest import make_lora
 from tests.serving.conftest import SERVER_MARK
@@ -321,11 +321,6 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(fault_server, tmp_p
         prometheus.wait(30)
 
 
-def is_engine_core(process: psutil.Process) -> bool:
-    """By vLLM's title, or where setproctitle failed by the process tree (see ``cpu_cores.vllm_role``)."""
-    return vllm_role(process) == "engine"
-
-
 def live_processes():
     """Every process on the machine, as fresh psutil objects: ``psutil.process_iter`` keeps the objects it
     made earlier, and those keep the name they first read, which for an engine core can be its name before
@@ -340,14 +335,7 @@ def live_processes():
 def engine_cores(server: ServerProcess) -> list[psutil.Process]:
     """The vLLM engine-core processes of ``server``: every process on this machine whose environment
     carries the server's mark, looked up machine-wide (not as descendants of the server process)."""
-    cores = []
-    for process in live_processes():
-        try:  # Ray starts and ends short-lived processes all the time: one may be gone by now
-            if is_engine_core(process) and process.environ().get(SERVER_MARK) == str(server.root):
-                cores.append(process)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            continue
-    return cores
+    return [process for process in marked(SERVER_MARK, str(server.root)) if vllm_role(process) == "engine"]
 
 
 def one_engine_core(server: ServerProcess, timeout: float = 180) -> psutil.Process:
@@ -363,7 +351,7 @@ def one_engine_core(server: ServerProcess, timeout: float = 180) -> psutil.Proce
     everywhere = []
     for process in live_processes():
         try:
-            if is_engine_core(process):
+            if vllm_role(process) == "engine":
                 chain = [p.pid for p in process.parents()]
                 everywhere.append((process.pid, chain, process.environ().get(SERVER_MARK)))
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
