@@ -35,9 +35,15 @@ class ModelSpec(FrozenConfig):
     max_ongoing_requests: int = Field(64, ge=1)
     """Requests one replica accepts at once before Serve queues or rejects (503)."""
     stream_batching_interval_ms: float = Field(50.0, ge=0)
-    """Streamed responses: the replica sends the pieces that became ready within this many milliseconds as
-    one message to the ingress (Ray Serve LLM's ``stream_batching_interval_ms``, with its batcher); the
-    client still gets one server-sent event per piece. 0 sends each piece on its own."""
+    """Streamed responses: the shortest time between two messages of one stream from the replica to the
+    ingress (as Ray Serve LLM's ``stream_batching_interval_ms``). A piece goes at once when the stream's
+    last message left longer ago; otherwise it waits and goes with every piece ready by then. The client
+    still gets one server-sent event per piece. 0: no wait (pieces already ready still go together)."""
+    stream_messages_per_s: float = Field(200.0, ge=0)
+    """Streamed responses: one replica's budget of messages per second over all its streams. With many
+    streams at once each stream's interval grows to streams / this (at most 1 s), since every message
+    costs the replica, the ingress and the proxy CPU that a small node takes from the engine. 0: no
+    budget (the interval above only)."""
 
     @model_validator(mode="after")
     def _gpus_fit_tensor_parallelism(self) -> ModelSpec:

@@ -17,9 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ray import serve
-# Ray Serve LLM's own batcher of streamed outputs (the one behind its stream_batching_interval_ms); a module of
-# ray.llm that needs neither vLLM nor a GPU, pinned with Ray's version.
-from ray.llm._internal.serve.utils.batcher import Batcher
 
 from llm_platform.engine import AdapterRef, Chunk, Choice, SamplingParams, build_engine
 from llm_platform.errors import SamplingError
@@ -29,6 +26,7 @@ from llm_platform.serving.config import ModelSpec
 from llm_platform.serving.cpu_cores import keep_serving_off_engine_cores, widen_this_thread
 from llm_platform.serving.errors import APIError
 from llm_platform.serving.metrics import ServingMetrics
+from llm_platform.serving.pacing import StreamPacer
 from llm_platform.serving.secrets import Secrets
 from llm_platform.storage import STORAGE_ENV
 
@@ -141,6 +139,7 @@ class ModelServer:
         self.store_uri = store_uri
         self._store: AdapterStore | None = None  # opened on first use: the base serves while the store is away
         self.metrics = ServingMetrics()
+        self._pacer = StreamPacer(self.spec.stream_batching_interval_ms, self.spec.stream_messages_per_s)
         self.sync_s = sync_s
         # One thread: a fast tokenizer used from two threads at once fails ("Already borrowed").
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -201,10 +200,11 @@ class ModelServer:
                                    completion_tokens=generated)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[list[dict]]:
-        """The response's pieces, in lists: those ready within ``stream_batching_interval_ms`` travel to the
-        ingress as one message (each crossing costs the replica, the ingress and the proxy a Ray round);
-        the ingress sends each piece as its own event."""
-        batches = Batcher(self._pieces(request), interval_ms=self.spec.stream_batching_interval_ms).stream()
+        """The response's pieces, in lists, one list per message to the ingress (each crossing costs the
+        replica, the ingress and the proxy a Ray round): paced by ``stream_batching_interval_ms`` and the
+        replica's ``stream_messages_per_s`` (see :mod:`llm_platform.serving.pacing`). The ingress sends each
+        piece as its own event."""
+        batches = self._pacer.stream(self._pieces(request))
         try:
             async for batch in batches:
                 yield batch
