@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -27,7 +27,7 @@ MAX_INTERVAL_S = 1.0
 """However many streams share a replica, each still gets a message at least this often (when it has pieces)."""
 
 
-async def paced(pieces: AsyncIterator[T], interval_s: Callable[[], float]) -> AsyncIterator[list[T]]:
+async def paced(pieces: AsyncGenerator[T, None], interval_s: Callable[[], float]) -> AsyncIterator[list[T]]:
     """``pieces`` in lists, in order: a piece goes at once when the last list left ``interval_s()`` ago or
     more; otherwise it waits until then and goes with every piece ready by that time. The last pieces go
     as soon as ``pieces`` ends. Closing this generator cancels the read of ``pieces`` and closes it (a
@@ -89,7 +89,7 @@ class StreamPacer:
             return self.min_interval_s
         return max(self.min_interval_s, min(MAX_INTERVAL_S, self.open / self.messages_per_s))
 
-    async def stream(self, pieces: AsyncIterator[T]) -> AsyncIterator[list[T]]:
+    async def stream(self, pieces: AsyncGenerator[T, None]) -> AsyncIterator[list[T]]:
         """:func:`paced` ``pieces``, counted among the open streams while they last."""
         self.open += 1
         batches = paced(pieces, self.interval_s)

@@ -85,8 +85,8 @@ def test_logprobs_and_sampling_parameters_pass_through(client):
 
 
 def test_batched_streaming_keeps_every_piece_and_streams_as_it_goes(server):
-    """The replica sends the pieces ready within stream_batching_interval_ms as one message: the client still
-    gets one event per token, the same tokens and scores as the whole response, spread over the generation."""
+    """The replica paces a stream's pieces into messages (llm_platform.serving.pacing): the client still gets
+    one event per token, the same tokens and scores as the whole response, spread over the generation."""
     import time
 
     url, user = f"{server.url}/v1/completions", server.user()

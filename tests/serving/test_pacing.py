@@ -43,7 +43,8 @@ def test_sparse_pieces_go_at_once_and_dense_ones_at_most_once_per_interval():
     assert [i for i, _ in dense[0][1]] == [0] and dense[0][0] - dense[0][1][0][1] < 0.3
     sent = [t for t, _ in dense]
     assert all(b - a >= 0.38 for a, b in zip(sent, sent[1:-1])), sent
-    assert len(dense) <= 6  # 1.45 s of pieces: the first, at most four full intervals and the end
+    made = dense[-1][1][-1][1] - dense[0][1][0][1]  # 1.45 s, longer on a loaded machine
+    assert len(dense) <= 2 + made / 0.4  # the first, one per full interval, and the end
 
 
 def test_the_last_pieces_go_when_the_source_ends_not_after_the_interval():
