@@ -52,6 +52,20 @@ def open_filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
 
 
+def list_folder(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+    """What ``path`` holds (nothing when it does not exist), also while another process creates it.
+
+    pyarrow's local listing with ``allow_not_found`` has a window: when the folder appears between its
+    failed open and its check that the folder exists, it raises FileNotFoundError for a folder that is
+    there (seen with concurrent adapter-store writers; a thread listing folders as another creates them
+    hit it 0-2 times in 20,000). Listed again, the folder is found."""
+    selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+    try:
+        return fs.get_file_info(selector)
+    except FileNotFoundError:
+        return fs.get_file_info(selector)
+
+
 HUB_ENV = ("HF_TOKEN", "HF_HOME", "HF_ENDPOINT", "HF_HUB_OFFLINE")
 """Where Hugging Face models come from and the token for gated ones (Llama): a worker loading
 ``meta-llama/...`` on another node needs the driver's token."""

@@ -45,7 +45,7 @@ import pyarrow.fs as pafs
 
 from llm_platform.engine import AdapterRef
 from llm_platform.errors import AdapterError
-from llm_platform.storage import open_filesystem
+from llm_platform.storage import list_folder, open_filesystem
 
 __all__ = ["ADAPTER_FILES", "AdapterStore", "StoredAdapter", "fetch_folder", "open_filesystem"]
 
@@ -234,9 +234,8 @@ class AdapterStore:
     # -- filesystem ------------------------------------------------------------------------
 
     def _records(self, prefix: str) -> list[_Record]:
-        selector = pafs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True)
         records = []
-        for info in self.fs.get_file_info(selector):
+        for info in list_folder(self.fs, self._path(prefix), recursive=True):
             match = RECORD.match(info.base_name) if info.type == pafs.FileType.File else None
             parts = info.path[len(self._path(INDEX)) + 1:].split("/")
             if match and len(parts) == 3:

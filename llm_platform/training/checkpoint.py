@@ -56,10 +56,10 @@ def stored_settings(storage: str, run_name: str) -> dict | None:
     at the checkpoint's top (SFT, PPO) or in the Hugging Face Trainer checkpoint inside it (reward, DPO)."""
     import pyarrow.fs as pafs
 
-    from llm_platform.storage import open_filesystem
+    from llm_platform.storage import list_folder, open_filesystem
 
     fs, root = open_filesystem(storage)
-    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
+    infos = list_folder(fs, f"{root}/{run_name}")
     folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     for folder in reversed(folders):
         for path in (f"{folder}/{SETTINGS}", f"{folder}/checkpoint/{SETTINGS}"):
