@@ -321,17 +321,6 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(fault_server, tmp_p
         prometheus.wait(30)
 
 
-def live_processes():
-    """Every process on the machine, as fresh psutil objects: ``psutil.process_iter`` keeps the objects it
-    made earlier, and those keep the name they first read, which for an engine core can be its name before
-    vLLM retitled it."""
-    for pid in psutil.pids():
-        try:
-            yield psutil.Process(pid)
-        except psutil.NoSuchProcess:
-            continue
-
-
 def engine_cores(server: ServerProcess) -> list[psutil.Process]:
     """The vLLM engine-core processes of ``server``: every process on this machine whose environment
     carries the server's mark, looked up machine-wide (not as descendants of the server process)."""
@@ -349,7 +338,7 @@ def one_engine_core(server: ServerProcess, timeout: float = 180) -> psutil.Proce
             return cores[0]
         time.sleep(2)
     everywhere = []
-    for process in live_processes():
+    for process in psutil.process_iter():  # vllm_role reads each command line afresh
         try:
             if vllm_role(process) == "engine":
                 chain = [p.pid for p in process.parents()]
