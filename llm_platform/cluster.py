@@ -28,6 +28,12 @@ from llm_platform.storage import storage_env
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 """Ray Train settings for a cluster that :func:`connect` starts on this machine (see there)."""
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+"""Ray settings for a cluster that :func:`connect` starts on this machine. Ray starts its workers at niceness
+15 so that its own daemons stay responsive on a node the workers saturate; on one machine the workers are the
+work (vLLM's engines, the serving path, training) and at 15 they lose the CPU to every other process that
+wants it: a load generator, a shell, the driver. Ray's job manager starts job drivers at 0 the same way.
+Measured with ``llmp bench serve --stream --clients 32`` (README, Serving)."""
 
 
 def free_port() -> int:
@@ -75,7 +81,7 @@ def connect(num_cpus: int | None = None, log_to_driver: bool | None = None, logg
         api = f"http://127.0.0.1:{port}"
         context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                            dashboard_port=port, log_to_driver=log_to_driver, logging_level=logging_level,
-                           runtime_env={"env_vars": {**env, API_SERVER_ENV: api}})
+                           runtime_env={"env_vars": {**env, API_SERVER_ENV: api}}, _system_config=LOCAL_SYSTEM_CONFIG)
     if relay:
         console.start_relay(relay[console.RELAY_ENV], context.address_info.get("session_dir"))
 

@@ -39,7 +39,7 @@ class ModelSpec(FrozenConfig):
     ingress (as Ray Serve LLM's ``stream_batching_interval_ms``). A piece goes at once when the stream's
     last message left longer ago; otherwise it waits and goes with every piece ready by then. The client
     still gets one server-sent event per piece. 0: no wait (pieces already ready still go together)."""
-    stream_messages_per_s: float = Field(200.0, ge=0)
+    stream_messages_per_s: float = Field(100.0, ge=0)
     """Streamed responses: one replica's budget of messages per second over all its streams. With many
     streams at once each stream's interval grows to streams / this (at most 1 s), since every message
     costs the replica, the ingress and the proxy CPU that a small node takes from the engine. 0: no

@@ -9,6 +9,7 @@ import threading
 import ray
 from ray import serve
 
+from llm_platform.cluster import LOCAL_SYSTEM_CONFIG
 from llm_platform.serving.config import ServeConfig
 from llm_platform.serving.cpu_cores import keep_serving_off_engine_cores, own_cluster, record_node_cpus
 from llm_platform.serving.secrets import Secrets
@@ -25,6 +26,7 @@ def serve_forever(config: ServeConfig, metrics_port: int | None = None) -> None:
     init = {"_metrics_export_port": metrics_port} if metrics_port and started_here else {}
     if started_here:  # Ray's usual dashboard port, or a free one when another cluster on this host holds it
         init["dashboard_port"] = _port_or_free(8265)
+        init["_system_config"] = LOCAL_SYSTEM_CONFIG  # its workers at the machine's normal priority (see there)
         record_node_cpus()
     context = ray.init(**init, logging_level="WARNING")
     secrets = Secrets.from_environment()

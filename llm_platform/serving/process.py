@@ -50,14 +50,23 @@ class ServerProcess:
 
     def start(self, timeout: float = 400) -> None:
         llmp = str(Path(sys.executable).with_name("llmp"))
+        offset = self.log.stat().st_size if self.log.exists() else 0  # a restart appends to the same log
         self.process = subprocess.Popen(
             [llmp, "serve", "--config", str(self.config_path), "--port", str(self.port),
              "--metrics-port", str(self.metrics_port)],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             start_new_session=True)
+        started = time.monotonic()
         if not wait_healthy(self.process, f"{self.url}/healthz", timeout, self.log):
             self.stop()
             raise TimeoutError(f"server not healthy after {timeout}s; see {self.log}")
+        # Healthy once the engines are up; the launcher then finishes its own set-up (moving its cluster's
+        # processes off vLLM's cores) and says so.
+        while b"serving on http" not in self.log.read_bytes()[offset:]:
+            if self.process.poll() is not None or time.monotonic() - started > timeout:
+                self.stop()
+                raise TimeoutError(f"server healthy but not serving after {timeout}s; see {self.log}")
+            time.sleep(0.2)
 
     def stop(self) -> int:
         """SIGTERM, as a process manager would; the server shuts down Serve and Ray and exits 0."""

@@ -231,6 +231,30 @@ def test_vllm_cpu_workers_have_their_cores_to_themselves(server):
     assert not shared, (sorted(engine), shared)
 
 
+def test_a_server_that_starts_its_own_cluster_runs_its_workers_at_normal_priority(server):
+    """Ray starts workers at niceness 15; a cluster `llmp serve` starts for itself has its workers (Serve's proxy,
+    controller, ingress and model replicas) and vLLM's processes at 0 (cluster.LOCAL_SYSTEM_CONFIG), through
+    Ray's own setting, not an environment variable that the test's own processes could pass on."""
+    import os
+
+    import psutil
+
+    from llm_platform.serving.cpu_cores import marked, vllm_role
+
+    def title(process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:
+            return ""
+
+    assert "RAY_worker_niceness" not in os.environ
+    cluster = marked(SERVER_MARK, str(server.workdir))
+    engines = [p for p in cluster if vllm_role(p) in ("engine", "worker")]
+    serve = [p for p in cluster if title(p).startswith(("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController"))]
+    assert len(engines) == 2 * len(SIZES) and len(serve) == len(SIZES) + 3  # + the ingress, the proxy, the controller
+    assert {p.nice() for p in engines + serve} == {0}, {title(p)[:60]: p.nice() for p in engines + serve}
+
+
 def test_platform_metrics_reach_rays_prometheus_endpoint(server, client):
     import time
 
