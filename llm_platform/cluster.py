@@ -29,7 +29,8 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 """Ray Train settings for a cluster that :func:`connect` starts on this machine (see there)."""
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
-"""Ray settings for a cluster that :func:`connect` starts on this machine. Ray starts its workers at niceness
+"""Ray settings for a cluster the platform starts on this machine (:func:`connect`, and `llmp serve`'s
+launcher). Ray starts its workers at niceness
 15 so that its own daemons stay responsive on a node the workers saturate; on one machine the workers are the
 work (vLLM's engines, the serving path, training) and at 15 they lose the CPU to every other process that
 wants it: a load generator, a shell, the driver. Ray's job manager starts job drivers at 0 the same way.

@@ -239,7 +239,7 @@ def test_a_server_that_starts_its_own_cluster_runs_its_workers_at_normal_priorit
 
     import psutil
 
-    from llm_platform.serving.cpu_cores import marked, vllm_role
+    from llm_platform.serving.cpu_cores import SERVE_TITLES, marked, vllm_role
 
     def title(process) -> str:
         try:
@@ -250,7 +250,7 @@ def test_a_server_that_starts_its_own_cluster_runs_its_workers_at_normal_priorit
     assert "RAY_worker_niceness" not in os.environ
     cluster = marked(SERVER_MARK, str(server.workdir))
     engines = [p for p in cluster if vllm_role(p) in ("engine", "worker")]
-    serve = [p for p in cluster if title(p).startswith(("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController"))]
+    serve = [p for p in cluster if title(p).startswith(SERVE_TITLES)]
     assert len(engines) == 2 * len(SIZES) and len(serve) == len(SIZES) + 3  # + the ingress, the proxy, the controller
     assert {p.nice() for p in engines + serve} == {0}, {title(p)[:60]: p.nice() for p in engines + serve}
 
