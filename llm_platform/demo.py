@@ -149,12 +149,18 @@ def run_rlhf(cfg: DemoConfig) -> dict:
     model = f"{cfg.models_dir}/tiny-s"
     connect()
     session = console.ray_session_dir()
+    server = None
     try:
         print("[3/5] SFT: instruction tuning tiny-s on chat replies (Ray Train)", flush=True)
         sft_summary = sft.main(load_config(SFTConfig, configs / "local_sft_chat.yaml",
                                            [f"model={model}", f"output_dir={root / 'sft'}", "run_name=demo-sft",
                                             *JOB_OVERRIDES["sft"][cfg.quick]]))
         sft_model = root / "sft" / "model"
+        # The server needs only the SFT model, so it starts now: its start-up (a Ray cluster, Serve, a vLLM
+        # engine: half a minute, much of it one core importing) overlaps the reward model and PPO, which leave
+        # this machine's second core mostly idle.
+        server = demo_server(sft_model, root, root / "server")
+        server.spawn()
         print("[4/5] reward model (Bradley-Terry) on the preference pairs", flush=True)
         rm_summary = reward_model.main(load_config(reward_model.RewardJobConfig, configs / "local_reward.yaml",
                                                    [f"model={sft_model}", f"output_dir={root / 'reward'}",
@@ -164,13 +170,16 @@ def run_rlhf(cfg: DemoConfig) -> dict:
                                             [f"policy_model={sft_model}", f"reward_model={root / 'reward' / 'model'}",
                                              f"output_dir={root / 'ppo'}", "run_name=demo-ppo",
                                              *JOB_OVERRIDES["ppo"][cfg.quick]]))
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     finally:
         shutdown()
         if session:  # the local cluster's logs (every worker's stdout/stderr) beside this process's
             shutil.copytree(Path(session) / "logs", cfg.log_dir / "ray", dirs_exist_ok=True)
     questions = QUESTIONS[:1] if cfg.quick else QUESTIONS
-    answers = serve_and_ask(sft_model, root / "ppo" / "adapter", root / "reward" / "model", root / "server",
-                            questions, cfg.log_dir)
+    answers = serve_and_ask(server, root / "ppo" / "adapter", root / "reward" / "model", questions, cfg.log_dir)
     print("\nRLHF chain:")
     print(format_table([
         {"stage": "sft", "figure": "eval_loss", "before": sft_summary["eval_loss_before"], "after": sft_summary["eval_loss"]},
@@ -183,25 +192,31 @@ def run_rlhf(cfg: DemoConfig) -> dict:
     return {"sft": sft_summary, "reward_model": rm_summary, "ppo": ppo_summary, "answers": answers}
 
 
-def serve_and_ask(sft_model: Path, adapter: Path, reward: Path, workdir: Path, questions: tuple[str, ...] = QUESTIONS,
+def demo_server(sft_model: Path, adapters: Path, workdir: Path):
+    """A local, loopback-only server of the SFT model as ``tiny-s-chat``: admin left open (logged), adapters only
+    from ``adapters`` (the demo's own folder)."""
+    from llm_platform.serving.process import ServerProcess
+
+    config = {"adapter_store": str(workdir.resolve() / "store"), "allow_unauthenticated_admin": True,
+              "adapter_sources": [str(adapters.resolve())], "models": [
+        {"id": "tiny-s-chat", "engine": {"model": str(sft_model.resolve()), "kind": "vllm", "max_model_len": 512}}]}
+    return ServerProcess(config, workdir)
+
+
+def serve_and_ask(server, adapter: Path, reward: Path, questions: tuple[str, ...] = QUESTIONS,
                   log_dir: Path | None = None) -> list[dict]:
-    """Serve the SFT model, register the PPO adapter without a restart, ask both the same questions."""
+    """Once the spawned ``server`` serves, register the PPO adapter without a restart and ask both the same
+    questions; the server is stopped after."""
     import httpx
 
     from llm_platform.alignment.reward import RewardScorer
-    from llm_platform.serving.process import ServerProcess
     from llm_platform.training.outputs import register_adapter
 
-    # A local, loopback-only server: admin left open (logged), adapters only from the demo's own folder.
-    config = {"adapter_store": str(workdir.resolve() / "store"), "allow_unauthenticated_admin": True,
-              "adapter_sources": [str(adapter.resolve().parents[1])], "models": [
-        {"id": "tiny-s-chat", "engine": {"model": str(sft_model.resolve()), "kind": "vllm", "max_model_len": 512}}]}
-    server = ServerProcess(config, workdir)
     print(f"serving the SFT model as tiny-s-chat on {server.url}", flush=True)
-    server.start()
-    scorer = RewardScorer(str(reward))
     rows = []
     try:
+        server.wait_ready()
+        scorer = RewardScorer(str(reward))
         card = register_adapter(server.url, "ppo", "tiny-s-chat", "lora", str(adapter.resolve()))
         print(f"registered {card['id']}", flush=True)
         for question in questions:

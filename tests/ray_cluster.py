@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from llm_platform.cluster import API_SERVER_ENV
+from llm_platform.serving.process import child_group
 from tests.seaweedfs import _free
 
 BIN = Path(sys.executable).parent
@@ -96,7 +97,7 @@ class TwoNodeCluster:
              f"--ray-client-server-port={self._port()}", f"--temp-dir={self.head_temp}",
              "--object-store-memory=300000000", "--disable-usage-stats", *self._node_ports()],
             env=head_env, stdout=(self.workdir / "head.log").open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            **child_group(same_session=False))
 
     def _worker(self) -> subprocess.Popen:
         """The worker node: a private mount namespace, tmpfs over its TMPDIR and over the outputs."""
@@ -110,7 +111,7 @@ class TwoNodeCluster:
         return subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && {ray_start}"],
             env=worker_env, stdout=(self.workdir / "worker.log").open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            **child_group(same_session=False))
 
     def _start_node(self, name: str, launch, ready, timeout: float, last: bool) -> bool:
         """Start a node and wait until the cluster counts it; False if it gave up during its start-up."""

@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+from llm_platform.serving.process import child_group
+
 BUCKET = "llmp-test"
 
 
@@ -109,7 +111,7 @@ class SeaweedFS:
                    "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
                    "-volume.max=0", "-volume.preStopSeconds=0"]
         self.process = subprocess.Popen(command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                        cwd=self.workdir, start_new_session=True)
+                                        cwd=self.workdir, **child_group(same_session=False))
         deadline = time.monotonic() + timeout
         error = None
         while time.monotonic() < deadline:

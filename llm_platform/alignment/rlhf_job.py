@@ -80,6 +80,22 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
 
     torch.manual_seed(cfg.ppo.seed)
     device = policy_placement(cfg).check(ctx.device)
+    pool = reward = None
+    if ctx.is_main:
+        # The actors first: the reward actor loads its model and the rollout pool starts its engines (new
+        # processes, imports, vLLM's start: tens of seconds) while this worker builds the policy.
+        engine = EngineConfig(model=cfg.policy_model, kind=cfg.rollout.engine, dtype=cfg.dtype,
+                              device=rollout_device(cfg),
+                              max_model_len=cfg.rollout.max_model_len, trust_remote_code=cfg.trust_remote_code,
+                              enable_soft_prompts=False, max_lora_rank=lora_slot_rank(cfg.lora.r), max_loras=1,
+                              max_cpu_loras=2, cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, seed=cfg.ppo.seed)
+        scorer = placement(cfg.reward_actor.num_gpus > 0, cfg.reward_dtype)
+        reward = ray.remote(RewardWorker).options(
+            num_cpus=cfg.reward_actor.num_cpus, num_gpus=cfg.reward_actor.num_gpus,
+            scheduling_strategy=_reward_placement(cfg),
+        ).remote(cfg.reward_model, scorer.device_type, cfg.reward_dtype, cfg.trust_remote_code)
+        pool = RolloutPool(engine, cfg.rollout.num_workers, cfg.rollout.cpus_per_worker,
+                           cfg.rollout.gpus_per_worker, cfg.run_name)
     model, tokenizer = build_policy(cfg, str(device))
     model = shard(model, "ddp" if ctx.world > 1 else "none", device)
     core = unwrap(model)
@@ -89,21 +105,8 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
     start = _restore(ctx, core, optimizer, kl_control)
 
     prompts = _prompts(cfg, tokenizer)
-    pool = reward = None
     if ctx.is_main:
-        engine = EngineConfig(model=cfg.policy_model, kind=cfg.rollout.engine, dtype=cfg.dtype,
-                              device=rollout_device(cfg),
-                              max_model_len=cfg.rollout.max_model_len, trust_remote_code=cfg.trust_remote_code,
-                              enable_soft_prompts=False, max_lora_rank=lora_slot_rank(cfg.lora.r), max_loras=1,
-                              max_cpu_loras=2, cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, seed=cfg.ppo.seed)
-        # The reward actor first: it loads its model while the rollout pool starts its engines (the pool waits).
-        scorer = placement(cfg.reward_actor.num_gpus > 0, cfg.reward_dtype)
-        reward = ray.remote(RewardWorker).options(
-            num_cpus=cfg.reward_actor.num_cpus, num_gpus=cfg.reward_actor.num_gpus,
-            scheduling_strategy=_reward_placement(cfg),
-        ).remote(cfg.reward_model, scorer.device_type, cfg.reward_dtype, cfg.trust_remote_code)
-        pool = RolloutPool(engine, cfg.rollout.num_workers, cfg.rollout.cpus_per_worker,
-                           cfg.rollout.gpus_per_worker, cfg.run_name)
+        pool.wait_ready()
         _publish_policy(core, start, pool)
     log = tracker(cfg, folder, "rlhf", resume_step=start if start else None) if ctx.is_main else None
     sampling = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,

@@ -122,15 +122,21 @@ class RewardWorker:
 
 
 class RolloutPool:
-    """``size`` rollout actors; a dead one is replaced and its share of the batch retried."""
+    """``size`` rollout actors; a dead one is replaced and its share of the batch retried.
+
+    The actors start their engines in the background from construction on (so a trainer can build its policy
+    meanwhile); :meth:`wait_ready` waits for them, and raises what an engine's start raised."""
 
     def __init__(self, engine: EngineConfig, size: int, num_cpus: float, num_gpus: float, name: str):
         self.engine, self.size, self.name = engine, size, name
         self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 64}
         self.workers = [self._spawn(i) for i in range(size)]
-        ray.get([w.start.remote() for w in self.workers])
+        self._starting = [w.start.remote() for w in self.workers]
         self.adapter: AdapterVersion | None = None
         self.replaced = 0
+
+    def wait_ready(self) -> None:
+        ray.get(self._starting)
 
     def _spawn(self, index: int):
         actor = ray.remote(RolloutWorker).options(name=f"{self.name}-rollout-{index}", **self.options)

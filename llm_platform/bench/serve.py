@@ -251,7 +251,7 @@ def vllm_server(base: str, adapters: list[Path], work: Path):
     import subprocess
     import sys
 
-    from llm_platform.serving.process import free_port, wait_healthy
+    from llm_platform.serving.process import child_group, free_port, wait_healthy
 
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base,
@@ -260,8 +260,8 @@ def vllm_server(base: str, adapters: list[Path], work: Path):
                "--max-loras", str(len(adapters)), "--max-cpu-loras", str(2 * len(adapters)), "--max-lora-rank", "64",
                "--disable-log-stats", "--lora-modules", *[f"bench-{i}={path}" for i, path in enumerate(adapters)]]
     log = work / "vllm-serve.log"
-    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, **child_group(same_session=True))
     try:
         if not wait_healthy(server, f"http://127.0.0.1:{port}/health", 600, log):
             raise TimeoutError(f"vLLM's server was not healthy after 600 s; see {log}")
@@ -314,7 +314,8 @@ def run(models_dir: str, clients: list[int], workdir: str | None = None, stream:
         "adapter_sources": [str((work / "adapters").resolve())],
         "models": [{"id": "tiny-l", "num_cpus": 1, "max_adapters": mixed, "max_ongoing_requests": 256,
                     "engine": {"model": base, "kind": "vllm", "max_model_len": 1024, "max_loras": mixed,
-                               "max_cpu_loras": 2 * mixed, "max_lora_rank": 64}}]}, work)  # as vLLM's server
+                               "max_cpu_loras": 2 * mixed, "max_lora_rank": 64}}]},
+        work, same_session=True)  # engine settings as vLLM's server; the load generator's session (child_group)
     server.start()
     adapters = make_adapters(Path(base), work / "adapters", mixed)
     try:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -185,8 +187,10 @@ class Chain:
     ppo: dict
 
 
-def run_chain(name: str, base: Path, root: Path) -> Chain:
-    """The three jobs, as a user runs them, each started from the ``output`` of the previous job's summary."""
+def run_chain(name: str, base: Path, root: Path, ppo_turn: threading.Lock) -> Chain:
+    """The three jobs, as a user runs them, each started from the ``output`` of the previous job's summary.
+    ``ppo_turn`` is held for the PPO job: a PPO run takes its two CPUs one at a time (its trainer's, then its
+    rollout actor's), so two at once on the session's two-CPU cluster could each hold one and wait for ever."""
     from llm_platform.alignment import reward_job, rlhf_job
     from llm_platform.alignment.config import RLHFConfig
     from llm_platform.config import load_config
@@ -207,25 +211,26 @@ def run_chain(name: str, base: Path, root: Path) -> Chain:
     reward = reward_job.main(load_config(reward_job.RewardJobConfig, CONFIGS / "local_reward.yaml", [
         f"model={sft['output']}", f"output_dir={root / 'reward'}", f"run_name=reward-{name}", f"data.source={pairs}",
         "optim.max_steps=4", "optim.log_every=2", "optim.save_every=0", *quiet]))
-    ppo = rlhf_job.main(load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml", [
-        f"policy_model={sft['output']}", f"reward_model={reward['output']}", f"output_dir={root / 'ppo'}",
-        f"run_name=ppo-{name}", f"prompts={prompts}", "rollout.engine=transformers", "ppo.iterations=1",
-        "ppo.prompts_per_iteration=4", "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.log_samples=4",
-        "sampling.max_tokens=12", "ppo.save_every=1", *quiet]))
+    with ppo_turn:
+        ppo = rlhf_job.main(load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml", [
+            f"policy_model={sft['output']}", f"reward_model={reward['output']}", f"output_dir={root / 'ppo'}",
+            f"run_name=ppo-{name}", f"prompts={prompts}", "rollout.engine=transformers", "ppo.iterations=1",
+            "ppo.prompts_per_iteration=4", "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.log_samples=4",
+            "sampling.max_tokens=12", "ppo.save_every=1", *quiet]))
     return Chain(root, sft, reward, ppo)
 
 
 @pytest.fixture(scope="module")
 def chains(ray_local, family_models, tmp_path_factory):
-    """``chains(family)``: that family's chain, run on first use (the serving test needs all three)."""
-    done: dict[str, Chain] = {}
+    """``chains(family)``: that family's chain. The three start with the first test that asks, two at a time
+    (tests/training/conftest.two_at_a_time): the serving test needs all three."""
+    from tests.training.conftest import two_at_a_time
 
-    def get(name: str) -> Chain:
-        if name not in done:
-            done[name] = run_chain(name, family_models[name], tmp_path_factory.mktemp(f"chain-{name}"))
-        return done[name]
-
-    return get
+    ppo_turn = threading.Lock()
+    roots = {name: tmp_path_factory.mktemp(f"chain-{name}") for name in CHAT_FAMILIES}
+    with two_at_a_time({name: partial(run_chain, name, family_models[name], root, ppo_turn)
+                        for name, root in roots.items()}) as futures:
+        yield lambda name: futures[name].result()
 
 
 def stop_tokens(model: Path) -> list[int]:

@@ -4,6 +4,7 @@ pairs, its saved rewards average 0 over the training set, and a changed rerun is
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 
@@ -20,11 +21,25 @@ def reward_config(model, out, *overrides):
 
 
 @pytest.fixture(scope="module")
-def local_reward_run(ray_local, tiny_models, tmp_path_factory):
+def reward_runs(ray_local, tiny_models, tmp_path_factory):
+    """The local config's run and a LoRA one, each on one single-threaded worker: two at a time
+    (tests/training/conftest.two_at_a_time). ``reward_runs[name]`` is ``(output folder, future of the summary)``."""
     from llm_platform.alignment import reward_job as reward_model
+    from tests.training.conftest import two_at_a_time
 
-    out = tmp_path_factory.mktemp("reward-local")
-    return out, reward_model.main(reward_config(tiny_models["tiny-s"], out))
+    outs = {"local": tmp_path_factory.mktemp("reward-local"), "lora": tmp_path_factory.mktemp("reward-lora")}
+    overrides = {"local": [], "lora": ["run_name=reward-lora", "lora={r: 8, alpha: 16}", "optim.learning_rate=3e-3",
+                                      "optim.max_steps=15"]}
+    jobs = {name: partial(reward_model.main, reward_config(tiny_models["tiny-s"], out, *overrides[name]))
+            for name, out in outs.items()}
+    with two_at_a_time(jobs) as futures:
+        yield {name: (outs[name], future) for name, future in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def local_reward_run(reward_runs):
+    out, future = reward_runs["local"]
+    return out, future.result()
 
 
 @pytest.mark.slow
@@ -89,17 +104,16 @@ def test_two_workers_train_like_one(local_reward_run, tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_reward_model_is_merged_into_a_plain_classifier(ray_local, tiny_models, tmp_path):
+def test_lora_reward_model_is_merged_into_a_plain_classifier(reward_runs):
     from safetensors import safe_open
 
     from llm_platform.alignment.preferences import PreferenceData, load_pairs
     from llm_platform.alignment.reward import RewardScorer
-    from llm_platform.alignment import reward_job as reward_model
 
-    summary = reward_model.main(reward_config(tiny_models["tiny-s"], tmp_path, "lora={r: 8, alpha: 16}",
-                                              "optim.learning_rate=3e-3", "optim.max_steps=15"))
+    out, future = reward_runs["lora"]
+    summary = future.result()
     assert summary["eval_accuracy"] >= 0.9
-    with safe_open(tmp_path / "model" / "model.safetensors", "pt") as weights:
+    with safe_open(out / "model" / "model.safetensors", "pt") as weights:
         assert "score.weight" in weights.keys() and not [k for k in weights.keys() if "lora" in k]
-    reloaded = RewardScorer(str(tmp_path / "model")).pair_accuracy(load_pairs(PreferenceData(), "test"))
+    reloaded = RewardScorer(str(out / "model")).pair_accuracy(load_pairs(PreferenceData(), "test"))
     assert reloaded == pytest.approx((summary["eval_accuracy"], summary["reward_margin"]), rel=1e-4)

@@ -37,7 +37,9 @@ def server(tiny_models, tmp_path_factory):
                     "num_cpus": 0.5, "max_adapters": 4} for name, path in tiny_models.items() if name in SIZES],
     }
     # SERVER_MARK marks every process of this server (Ray's daemons and workers, vLLM's processes inherit it).
-    running = Server(config, root, env={"LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_API_KEY": API_KEY, SERVER_MARK: str(root)})
+    # In this process's session: the tests time its streams from here (llm_platform.serving.process.child_group).
+    running = Server(config, root, env={"LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_API_KEY": API_KEY, SERVER_MARK: str(root)},
+                     same_session=True)
     running.start()
     yield running
     running.stop()

@@ -106,16 +106,20 @@ def test_batched_streaming_keeps_every_piece_and_streams_as_it_goes(server):
     # (tiny-s once wrote 96 tokens within one 50 ms interval).
     tokens = 200
     greedy = {"model": "tiny-m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    start = time.perf_counter()
     whole = httpx.post(url, headers=user, timeout=120, json=greedy).json()
+    took = time.perf_counter() - start
     events, arrivals = streamed(greedy)
     pieces, usage = events[:-1], events[-1]["usage"]
     assert len(pieces) == tokens and all(len(p["choices"]) == 1 for p in pieces)  # one event per token
     assert "".join(p["choices"][0]["text"] for p in pieces) == whole["choices"][0]["text"]
     assert pieces[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"] == "length"
     assert usage == whole["usage"]
-    # Sent as they were generated, in several batches, not all at once at the end.
+    # Sent as they were generated, in several batches, not all at once at the end. (All at once is also what
+    # a client starved of CPU sees: see llm_platform.serving.process.child_group.)
     reads = 1 + sum(b - a > 0.01 for a, b in zip(arrivals, arrivals[1:]))
-    assert reads >= 3 and arrivals[-2] - arrivals[0] > 0.1, (reads, arrivals[-2] - arrivals[0])
+    assert reads >= 3 and arrivals[-2] - arrivals[0] > 0.1, \
+        f"{reads} reads over {arrivals[-2] - arrivals[0]:.3f} s; the whole answer took {took:.3f} s"
 
     # n > 1 with a seed and log-probabilities: the streamed choices add up to the whole ones.
     sampled = {"model": "tiny-s", "prompt": PROMPT, "max_tokens": 12, "temperature": 0.8, "seed": 3, "n": 2,

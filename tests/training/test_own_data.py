@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from llm_platform.errors import DataError
 from llm_platform.training.config import DataSettings
-from tests.training.conftest import run_sft
+from tests.training.conftest import run_sft, two_at_a_time
 
 # Each person has one favourite food: facts a tiny model can learn in ~100 steps (the words are in the tiny
 # tokenizer's vocabulary, so each is a token or two).
@@ -75,20 +76,33 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def learnt(ray_local, tiny_models, tmp_path_factory):
+    """``learnt[fmt]``: the future of SFT on a user JSONL in that format, all four started with the first test
+    that asks, two at a time."""
+    def learn(fmt: str, root: Path) -> dict:
+        data = write_jsonl(root / f"{fmt}.jsonl", _rows(fmt))
+        overrides, _ = CASES[fmt]
+        return run_sft("local_sft_chat.yaml", tiny_models["tiny-s"], root / "out", f"data.source={data}",
+                       f"run_name=sft-{fmt}", "data.task=null", "optim.max_steps=60", "optim.batch_size=8",
+                       "optim.save_every=0", "optim.learning_rate=3e-3", *overrides)
+
+    roots = {fmt: tmp_path_factory.mktemp(fmt) for fmt in sorted(CASES)}
+    with two_at_a_time({fmt: partial(learn, fmt, root) for fmt, root in roots.items()}) as futures:
+        yield {fmt: (roots[fmt] / "out", future) for fmt, future in futures.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", sorted(CASES))
-def test_sft_learns_a_user_jsonl_in_each_format(fmt, ray_local, tiny_models, tmp_path):
+def test_sft_learns_a_user_jsonl_in_each_format(fmt, learnt):
     from transformers import AutoTokenizer
 
-    data = write_jsonl(tmp_path / f"{fmt}.jsonl", _rows(fmt))
-    overrides, prompt = CASES[fmt]
-    summary = run_sft("local_sft_chat.yaml", tiny_models["tiny-s"], tmp_path / "out", f"data.source={data}",
-                      "data.task=null", "optim.max_steps=60", "optim.batch_size=8", "optim.save_every=0",
-                      "optim.learning_rate=3e-3", *overrides)
+    out, future = learnt[fmt]
+    summary = future.result()
     print(f"{fmt}: eval_loss {summary['eval_loss_before']:.3f} -> {summary['eval_loss']:.3f}")
     assert summary["eval_loss"] < 0.5 * summary["eval_loss_before"]
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
-    answer = greedy(tmp_path / "out" / "model", list(prompt(tokenizer)))
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    answer = greedy(out / "model", list(CASES[fmt][1](tokenizer)))
     assert "noodles" in answer, answer
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from llm_platform.serving.process import child_group
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "tune_spaces" / "configs" / "local.yaml"
 
@@ -36,14 +38,19 @@ def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(ray_cluster,
                f"output_dir={out}"]
     env = {**ray_cluster.env, **s3.env}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                             env=env, start_new_session=True)
+                             env=env, **child_group(same_session=False))
     ended = []
     for line in first.stdout:
         ended += PROGRESS.findall(line)
         if len(ended) == 2:
             break
     assert len(ended) == 2, "the first run ended before two trials did"
-    time.sleep(15)  # Tune writes its experiment state every 10 s
+    # Tune uploads its experiment state every 10 s (sync_period): the kill comes once the state in S3 has the two,
+    # and 2 s later, for the rest of that upload (the searcher's state beside it) to land.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and terminated_in_state(s3, f"{out}/tune") < 2:
+        time.sleep(1)
+    time.sleep(2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(60)
 
@@ -70,3 +77,12 @@ def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(ray_cluster,
 
 
 PROGRESS = re.compile(r"^trial \d/6 (\w+):", re.M)
+
+
+def terminated_in_state(s3, experiment: str) -> int:
+    """How many trials Tune's latest experiment state in ``experiment`` lists as ended (0 before the first)."""
+    states = [name for name in s3.listing(experiment) if re.fullmatch(r"experiment_state-[^/]+\.json", name)]
+    if not states:
+        return 0
+    trials = json.loads(s3.read(f"{experiment}/{max(states)}"))["trial_data"]
+    return sum(json.loads(trial)["status"] == "TERMINATED" for trial, _ in trials)
