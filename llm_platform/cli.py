@@ -172,16 +172,20 @@ def _write_data(args) -> None:
 
 def _generate(args) -> None:
     from llm_platform.engine import AdapterRef, EngineConfig, SamplingParams, build_engine
-    from llm_platform.engine.adapters import inspect_adapter
-    from llm_platform.models.loading import load_model_config
+    from llm_platform.models.checkpoints import resolve_model
 
+    # The settings and the model first: they are named in a fraction of a second, before seconds of imports.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
+    resolve_model(args.model, weights=False)
     adapter = None
     if args.adapter:
         kind, _, path = args.adapter.partition(":")
         if kind not in ("lora", "soft_prompt") or not path:
             raise SystemExit("llmp: error: --adapter takes KIND:PATH with KIND lora or soft_prompt")
+        from llm_platform.engine.adapters import inspect_adapter
+        from llm_platform.models.loading import load_model_config
+
         inspect_adapter(path, load_model_config(args.model), expected_kind=kind)
         adapter = AdapterRef(name="cli", kind=kind, path=path)
     engine = build_engine(EngineConfig(model=args.model, kind=args.engine))

@@ -30,8 +30,10 @@ from llm_platform import console
 from llm_platform.config import FrozenConfig
 from llm_platform.data.prompts import COURSE_PROMPTS
 from llm_platform.engine import Engine, EngineConfig, SamplingParams, build_engine
-from llm_platform.models.tiny import TINY_NAMES, build_tiny_models, parameter_count
 from llm_platform.report import format_table, write_json
+
+# llm_platform.models.tiny (transformers: seconds of imports) is imported where it is used, so that
+# `llmp demo` names a mistyped setting at once.
 
 
 class DemoConfig(FrozenConfig):
@@ -51,6 +53,8 @@ class DemoConfig(FrozenConfig):
 
     @property
     def sizes(self) -> tuple[str, ...]:
+        from llm_platform.models.tiny import TINY_NAMES
+
         return TINY_NAMES[:1] if self.quick else TINY_NAMES
 
     @property
@@ -106,6 +110,8 @@ def _logs(cfg: DemoConfig) -> list[tuple[str, str]]:
 
 
 async def _run(cfg: DemoConfig) -> dict:
+    from llm_platform.models.tiny import build_tiny_models, parameter_count
+
     print(f"[1/5] building tiny models in {cfg.models_dir}", flush=True)
     paths = build_tiny_models(cfg.models_dir)
     params = SamplingParams(temperature=0, max_tokens=cfg.max_tokens)
