@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(ray_cluster,
                "max_steps=24", "eval_every=4", "grace_period=4", "reduction_factor=2", "lr_min=1e-5", "lr_max=2e-2",
                f"output_dir={out}"]
     env = {**ray_cluster.env, **s3.env}
+    started = time.monotonic()
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                              env=env, **child_group(same_session=False))
     ended = []
@@ -45,16 +47,23 @@ def test_search_stops_bad_trials_resumes_and_keeps_the_best_adapter(ray_cluster,
         if len(ended) == 2:
             break
     assert len(ended) == 2, "the first run ended before two trials did"
+    print(f"two trials ended after {time.monotonic() - started:.1f} s")
+    # Its output is still read, so that a full pipe never blocks the driver (and with it Tune's state uploads).
+    threading.Thread(target=first.stdout.read, daemon=True).start()
     # Tune uploads its experiment state every 10 s (sync_period): the kill comes once the state in S3 has the two,
     # and 2 s later, for the rest of that upload (the searcher's state beside it) to land.
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and terminated_in_state(s3, f"{out}/tune") < 2:
+    while terminated_in_state(s3, f"{out}/tune") < 2:
+        assert time.monotonic() < deadline, "Tune's state in S3 did not list the two ended trials within 60 s"
         time.sleep(1)
+    print(f"... and in S3's experiment state after {time.monotonic() - started:.1f} s")
     time.sleep(2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(60)
 
+    started = time.monotonic()
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    print(f"the resumed search took {time.monotonic() - started:.1f} s")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "resuming the search" in run.stdout
     resumed = PROGRESS.findall(run.stdout)  # a progress line per trial that ended in this run
