@@ -24,6 +24,9 @@ from tests.serving.conftest import API_KEY
 
 pytestmark = pytest.mark.slow
 
+LM_EVAL_PYTHON = Path(sys.prefix) / "lm-eval" / "bin" / "python"
+"""lm-evaluation-harness's environment, which `make setup` builds beside the platform's (see the Makefile)."""
+
 MC_DOCS = [
     {"question": "The sky is", "choices": [" blue", " green", " made of cheese"], "label": 0},
     {"question": "Two plus two is", "choices": [" four", " five"], "label": 0},
@@ -86,7 +89,8 @@ def lm_eval(tasks: Path, out: Path, model: str, model_args: str, names: list[str
     """Run the lm-eval CLI as a user would, on several tasks at once; each task's per-sample records, in
     document order."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OPENAI_API_KEY": API_KEY, "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", model, "--model_args", model_args,
+    assert LM_EVAL_PYTHON.exists(), f"{LM_EVAL_PYTHON} is missing: `make setup` installs lm-eval there"
+    cmd = [str(LM_EVAL_PYTHON), "-m", "lm_eval", "run", "--model", model, "--model_args", model_args,
            "--tasks", ",".join(names), "--include_path", str(tasks), "--output_path", str(out), "--log_samples",
            "--device", "cpu", *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
