@@ -13,15 +13,18 @@ turn every answer it serves into garbage without any error.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, PretrainedConfig
+
+if TYPE_CHECKING:  # torch and transformers are imported where a check needs them: `llmp serve` imports this
+    import torch  # module (through the ingress) before it starts Ray, and they took ~7 s of that here
+    from transformers import PretrainedConfig
 
 from llm_platform.engine.protocol import AdapterKind
 from llm_platform.errors import AdapterError, PlatformError
@@ -157,7 +160,7 @@ def _typed_fields(folder: Path, peft_config: dict, model: type[_PeftFields]):
         if unsupported:
             raise AdapterError(f"adapter {folder}: {CONFIG_FILE} sets {', '.join(unsupported)}, which vLLM cannot "
                                f"serve (plain LoRA only)")
-        if not torch.isfinite(torch.tensor(fields.lora_alpha)):
+        if not math.isfinite(fields.lora_alpha):
             raise AdapterError(f"adapter {folder}: {CONFIG_FILE} field 'lora_alpha' must be finite")
     return fields
 
@@ -180,6 +183,8 @@ def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 def _check_finite(folder: Path) -> None:
     """Every weight finite; tensors are read one at a time (sizes were bounded before this runs)."""
+    import torch
+
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
         for key in f.keys():
             tensor = f.get_tensor(key)
@@ -258,6 +263,9 @@ def _base_linear_shapes(base_config: PretrainedConfig) -> dict[str, tuple[int, i
     """``module name -> (in, out)`` of every linear layer, from a weightless (meta) copy of the base."""
     cache_key = base_config.to_json_string()
     if cache_key not in _LINEAR_CACHE:
+        import torch
+        from transformers import AutoModelForCausalLM
+
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(base_config)
         _LINEAR_CACHE[cache_key] = {name: (m.in_features, m.out_features) for name, m in model.named_modules()

@@ -40,7 +40,6 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from llm_platform.engine.adapters import inspect_adapter
 from llm_platform.errors import AdapterError, EngineUnavailableError, SamplingError
-from llm_platform.models.loading import load_model_config
 from llm_platform.serving.adapter_store import AdapterStore, StoredAdapter
 from llm_platform.serving.config import Limits, ModelSpec
 from llm_platform.serving.errors import APIError
@@ -510,6 +509,9 @@ class Ingress:
     def _base_config(self, base: str):
         """The base's config.json (for a hub base, that file alone is downloaded); called off the event loop."""
         if base not in self._configs:
+            # Imported here: transformers costs seconds, and `llmp serve` imports this module before it starts Ray.
+            from llm_platform.models.loading import load_model_config
+
             engine = self.specs[base].engine
             self._configs[base] = load_model_config(engine.model, trust_remote_code=engine.trust_remote_code)
         return self._configs[base]
