@@ -37,3 +37,16 @@ $(LM_EVAL)/.installed: $(STAMP)
 		> "$$($(LM_EVAL)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llm-platform.pth"
 	$(LM_EVAL)/bin/pip install --quiet "$(LM_EVAL_SPEC)"
 	touch $@
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+# Without the end-to-end tests that start vLLM engines, Ray clusters or servers.
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow"
+
+demo: setup
+	$(BIN)/llmp demo
+
+clean:
+	rm -rf artifacts .pytest_cache
