@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[cpu,test]" torch==2.13.0
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
-	$(BIN)/pip uninstall --quiet --yes lm-eval scikit-learn scipy 2>/dev/null || true  # set-ups before .venv/lm-eval
+	# Set-ups made before .venv/lm-eval installed lm-eval here, with scikit-learn and scipy for it alone.
+	if $(BIN)/pip show --quiet lm-eval 2>/dev/null; then $(BIN)/pip uninstall --quiet --yes lm-eval scikit-learn scipy; fi
 	touch $(STAMP)
 
 # lm-evaluation-harness, a peer client of the server in the tests, lives in an environment of its own, as
