@@ -100,6 +100,12 @@ def inspect_adapter(path: str | Path, base_config: PretrainedConfig, max_rank: i
     return info
 
 
+def prepare_checks(base_config: PretrainedConfig) -> None:
+    """Do ahead of time what the first check of a LoRA adapter for this base does: import torch and
+    transformers (seconds) and read the base's layer shapes (cached)."""
+    _base_linear_shapes(base_config)
+
+
 def lora_slot_rank(rank: int) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank`` (vLLM 0.32 takes only
     1, 8, 16, 32, 64, 128, 256, 320, 512; ``max(rank, 8)`` gave 12 for a rank-12 policy, which it refuses)."""

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from llm_platform.engine.adapters import inspect_adapter
+from llm_platform.engine.adapters import inspect_adapter, prepare_checks
 from llm_platform.errors import AdapterError, EngineUnavailableError, SamplingError
 from llm_platform.serving.adapter_store import AdapterStore, StoredAdapter
 from llm_platform.serving.config import Limits, ModelSpec
@@ -233,6 +234,9 @@ class Ingress:
         self._running: dict[str, int] | None = None  # model id -> replicas Serve reports RUNNING
         self._status_task: asyncio.Task | None = None
         self._started = int(time.time())
+        # The first LoRA registration for a base needs transformers and the base's layer shapes (~8-10 s here, the
+        # imports mostly): prepared in the background while the engines start, not when the first one arrives.
+        threading.Thread(target=self._prepare_adapter_checks, name="adapter-checks", daemon=True).start()
 
     # -- inference -------------------------------------------------------------------------
 
@@ -505,6 +509,14 @@ class Ingress:
         engine = self.specs[base].engine
         inspect_adapter(folder, self._base_config(base), engine.lora_rank, kind,
                         max_soft_prompt_tokens=max_soft_prompt_tokens)
+
+    def _prepare_adapter_checks(self) -> None:
+        for base, spec in self.specs.items():
+            if spec.engine.enable_lora:
+                try:
+                    prepare_checks(self._base_config(base))
+                except Exception:  # noqa: BLE001 (an unreadable base fails its registrations, with the reason)
+                    logger.debug("could not prepare the adapter checks of %s", base, exc_info=True)
 
     def _base_config(self, base: str):
         """The base's config.json (for a hub base, that file alone is downloaded); called off the event loop."""
