@@ -115,15 +115,23 @@ def _shutdown_engines() -> None:
     _ENGINES.clear()
 
 
+ENGINE_FRIENDLY = {("data",), ("engine",), ("evaluation",), ("models",)}
+"""Test packages that start no server, Ray cluster or training job: the engines started before them stay. An engine
+caches adapters by name and version (``AdapterRef.key``), so the adapter names these packages use are distinct."""
+
+
 def pytest_runtest_teardown(item, nextitem):
-    """A vLLM engine holds ~2 GB: when the run moves on to another test package, the engines started so
-    far are stopped, and each package starts the few it uses (a few seconds each). Kept for the whole
-    session, the engine tests' engines sat beside the serving tests' servers and the training jobs
-    until Ray's memory monitor killed workers (24 GiB machine)."""
+    """A vLLM engine holds ~2 GB: when the run moves on to a test package that starts servers, Ray clusters
+    or training jobs, the engines started so far are stopped, and each such package starts the few it uses.
+    Kept for the whole session, the engine tests' engines sat beside the serving tests' servers and the
+    training jobs until Ray's memory monitor killed workers (24 GiB machine). Into the packages of
+    ``ENGINE_FRIENDLY`` they stay: the alignment tests' tiny-s vLLM engine serves the engine tests, and
+    theirs the evaluation tests (~40 s of start-up each here)."""
     if nextitem is None or not _ENGINES:
         return
     here = Path(__file__).parent
-    if item.path.relative_to(here).parts[:-1] != nextitem.path.relative_to(here).parts[:-1]:
+    package, next_package = (i.path.relative_to(here).parts[:-1] for i in (item, nextitem))
+    if package != next_package and next_package not in ENGINE_FRIENDLY:
         _shutdown_engines()
 
 
