@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import random
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -187,50 +187,94 @@ class Chain:
     ppo: dict
 
 
-def run_chain(name: str, base: Path, root: Path, ppo_turn: threading.Lock) -> Chain:
-    """The three jobs, as a user runs them, each started from the ``output`` of the previous job's summary.
-    ``ppo_turn`` is held for the PPO job: a PPO run takes its two CPUs one at a time (its trainer's, then its
-    rollout actor's), so two at once on the session's two-CPU cluster could each hold one and wait for ever."""
-    from llm_platform.alignment import reward_job, rlhf_job
-    from llm_platform.alignment.config import RLHFConfig
+def run_sft(name: str, base: Path, root: Path) -> dict:
+    """The chain's first job, SFT on multi-turn ``messages``; writes the later jobs' data beside it."""
     from llm_platform.config import load_config
     from llm_platform.training import sft_job
     from llm_platform.training.config import SFTConfig
     from tests.alignment.conftest import CONFIGS
 
     chats = write_jsonl(root / "data" / "chats.jsonl", chat_rows(160, seed=0))
-    pairs = root / "data" / "pairs"
-    write_jsonl(pairs / "train.jsonl", pair_rows(64, seed=1))
-    write_jsonl(pairs / "test.jsonl", pair_rows(16, seed=2))
-    prompts = write_jsonl(root / "data" / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
-    quiet = ["tracking.report_to=[]"]
-
-    sft = sft_job.main(load_config(SFTConfig, CONFIGS / "local_sft_chat.yaml", [
+    write_jsonl(root / "data" / "pairs" / "train.jsonl", pair_rows(64, seed=1))
+    write_jsonl(root / "data" / "pairs" / "test.jsonl", pair_rows(16, seed=2))
+    write_jsonl(root / "data" / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
+    return sft_job.main(load_config(SFTConfig, CONFIGS / "local_sft_chat.yaml", [
         f"model={base}", f"output_dir={root / 'sft'}", f"run_name=sft-{name}", f"data.source={chats}", "data.task=null",
-        "data.eval_limit=16", "optim.max_steps=40", "optim.log_every=10", "optim.save_every=0", *quiet]))
+        "data.eval_limit=16", "optim.max_steps=40", "optim.log_every=10", "optim.save_every=0", *QUIET]))
+
+
+def run_reward_and_ppo(name: str, root: Path, sft: Future, ppo_turn: threading.Lock) -> Chain:
+    """The chain's other jobs, as a user runs them, each started from the ``output`` of the previous job's summary.
+    ``ppo_turn`` is held for the PPO job: a PPO run takes its two CPUs one at a time (its trainer's, then its
+    rollout actor's), so two at once on the session's two-CPU cluster could each hold one and wait for ever."""
+    from llm_platform.alignment import reward_job, rlhf_job
+    from llm_platform.alignment.config import RLHFConfig
+    from llm_platform.config import load_config
+    from tests.alignment.conftest import CONFIGS
+
+    sft = sft.result()
     reward = reward_job.main(load_config(reward_job.RewardJobConfig, CONFIGS / "local_reward.yaml", [
-        f"model={sft['output']}", f"output_dir={root / 'reward'}", f"run_name=reward-{name}", f"data.source={pairs}",
-        "optim.max_steps=4", "optim.log_every=2", "optim.save_every=0", *quiet]))
+        f"model={sft['output']}", f"output_dir={root / 'reward'}", f"run_name=reward-{name}",
+        f"data.source={root / 'data' / 'pairs'}", "optim.max_steps=4", "optim.log_every=2", "optim.save_every=0",
+        *QUIET]))
     with ppo_turn:
         ppo = rlhf_job.main(load_config(RLHFConfig, CONFIGS / "local_rlhf.yaml", [
             f"policy_model={sft['output']}", f"reward_model={reward['output']}", f"output_dir={root / 'ppo'}",
-            f"run_name=ppo-{name}", f"prompts={prompts}", "rollout.engine=transformers", "ppo.iterations=1",
-            "ppo.prompts_per_iteration=4", "ppo.minibatch_size=4", "ppo.epochs=1", "ppo.log_samples=4",
-            "sampling.max_tokens=12", "ppo.save_every=1", *quiet]))
+            f"run_name=ppo-{name}", f"prompts={root / 'data' / 'prompts.jsonl'}", "rollout.engine=transformers",
+            "ppo.iterations=1", "ppo.prompts_per_iteration=4", "ppo.minibatch_size=4", "ppo.epochs=1",
+            "ppo.log_samples=4", "sampling.max_tokens=12", "ppo.save_every=1", *QUIET]))
     return Chain(root, sft, reward, ppo)
 
 
-@pytest.fixture(scope="module")
-def chains(ray_local, family_models, tmp_path_factory):
-    """``chains(family)``: that family's chain. The three start with the first test that asks, two at a time
-    (tests/training/conftest.two_at_a_time): the serving test needs all three."""
-    from tests.training.conftest import two_at_a_time
+QUIET = ["tracking.report_to=[]"]
 
+
+@dataclass
+class Chains:
+    jobs: dict[str, Future]
+    server: Future | None
+    """The family server (:func:`family_server`), spawned once the three SFT models exist; None when no test that
+    is run needs it."""
+
+    def __call__(self, name: str) -> Chain:
+        return self.jobs[name].result()
+
+
+def family_server(sft_models: dict[str, str], root: Path):
+    """One `llmp serve` for the three families, spawned (not yet ready): each family's SFT model as a base, its id
+    the family's name."""
+    from tests.serving.conftest import ADMIN_KEY, API_KEY, Server
+
+    config = {"adapter_store": str(root / "store"), "adapter_sources": [str(root.parent)],
+              "models": [{"id": name, "num_cpus": 0.5, "max_adapters": 1,
+                          "engine": {"model": model, "kind": "vllm", "max_model_len": 256,
+                                     "cpu_kv_cache_gib": 0.25, "enable_soft_prompts": False, "max_loras": 1,
+                                     "max_lora_rank": 8}}
+                         for name, model in sft_models.items()]}
+    server = Server(config, root, env={"LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_API_KEY": API_KEY})
+    server.spawn()
+    return server
+
+
+@pytest.fixture(scope="module")
+def chains(request, ray_local, family_models, tmp_path_factory):
+    """``chains(family)``: that family's chain. The three start with the first test that asks: the three SFT jobs
+    first, two at a time (as tests/training/conftest.two_at_a_time), then each family's reward and PPO jobs. The
+    SFT models are the family server's bases: when a served test is among those run, the server is spawned as soon
+    as they exist and starts while the reward and PPO jobs run (131-137 s for three models here, alone)."""
     ppo_turn = threading.Lock()
     roots = {name: tmp_path_factory.mktemp(f"chain-{name}") for name in CHAT_FAMILIES}
-    with two_at_a_time({name: partial(run_chain, name, family_models[name], root, ppo_turn)
-                        for name, root in roots.items()}) as futures:
-        yield lambda name: futures[name].result()
+    serve = any("policy_server" in item.fixturenames for item in request.session.items)
+    with ThreadPoolExecutor(2, thread_name_prefix="job") as pool, ThreadPoolExecutor(1) as spawner:
+        sfts = {name: pool.submit(run_sft, name, family_models[name], root) for name, root in roots.items()}
+        jobs = {name: pool.submit(run_reward_and_ppo, name, root, sfts[name], ppo_turn) for name, root in roots.items()}
+        server = spawner.submit(lambda: family_server({name: f.result()["output"] for name, f in sfts.items()},
+                                                      tmp_path_factory.mktemp("family-server"))) if serve else None
+        try:
+            yield Chains(jobs, server)
+        finally:
+            if server is not None and server.exception() is None and server.result().process.poll() is None:
+                server.result().stop()  # when policy_server did not run
 
 
 def stop_tokens(model: Path) -> list[int]:
@@ -280,27 +324,17 @@ def test_chain_sft_reward_ppo_on_the_family_template(chains, family_models, name
 
 
 @pytest.fixture(scope="module")
-def policy_server(chains, tmp_path_factory):
-    """One `llmp serve` for the three families: each family's SFT model as a base (its id is the family's name),
-    with that family's PPO adapter registered over the admin API as ``FAMILY:ppo``."""
+def policy_server(chains):
+    """The family server (see ``chains``), once it serves, with each family's PPO adapter registered over the admin
+    API as ``FAMILY:ppo``."""
     import httpx
 
-    from tests.serving.conftest import ADMIN_KEY, API_KEY, Server
-
-    done = {name: chains(name) for name in CHAT_FAMILIES}
-    root = tmp_path_factory.mktemp("family-server")
-    config = {"adapter_store": str(root / "store"), "adapter_sources": [str(tmp_path_factory.getbasetemp())],
-              "models": [{"id": name, "num_cpus": 0.5, "max_adapters": 1,
-                          "engine": {"model": chain.sft["output"], "kind": "vllm", "max_model_len": 256,
-                                     "cpu_kv_cache_gib": 0.25, "enable_soft_prompts": False, "max_loras": 1,
-                                     "max_lora_rank": 8}}
-                         for name, chain in done.items()]}
-    server = Server(config, root, env={"LLMP_ADMIN_KEY": ADMIN_KEY, "LLMP_API_KEY": API_KEY})
-    server.start()
+    server = chains.server.result()
     try:
-        for name, chain in done.items():
+        server.wait_ready(timeout=900)  # from its spawn, while the reward and PPO jobs ran beside it
+        for name in CHAT_FAMILIES:
             answer = httpx.post(f"{server.url}/v1/adapters", headers=server.admin(), timeout=60, json={
-                "name": "ppo", "base": name, "kind": "lora", "source": chain.ppo["output"]})
+                "name": "ppo", "base": name, "kind": "lora", "source": chains(name).ppo["output"]})
             assert answer.status_code == 201, answer.text
         yield server
     finally:
