@@ -85,21 +85,33 @@ def tasks(tmp_path_factory) -> Path:
     return root
 
 
-def lm_eval(tasks: Path, out: Path, model: str, model_args: str, names: list[str], *extra: str) -> dict[str, list]:
-    """Run the lm-eval CLI as a user would, on several tasks at once; each task's per-sample records, in
-    document order."""
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OPENAI_API_KEY": API_KEY, "TOKENIZERS_PARALLELISM": "false"}
-    assert LM_EVAL_PYTHON.exists(), f"{LM_EVAL_PYTHON} is missing: `make setup` installs lm-eval there"
-    cmd = [str(LM_EVAL_PYTHON), "-m", "lm_eval", "run", "--model", model, "--model_args", model_args,
-           "--tasks", ",".join(names), "--include_path", str(tasks), "--output_path", str(out), "--log_samples",
-           "--device", "cpu", *extra]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    samples = {}
-    for task in names:
-        (path,) = out.rglob(f"samples_{task}_*.jsonl")
-        samples[task] = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
-    return samples
+class LmEval:
+    """The lm-eval CLI as a user runs it, on several tasks at once, started in the background: a test starts its
+    in-process reference beside the run against the server (one waits on HTTP while the other computes)."""
+
+    def __init__(self, tasks: Path, out: Path, model: str, model_args: str, names: list[str], *extra: str):
+        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OPENAI_API_KEY": API_KEY, "TOKENIZERS_PARALLELISM": "false"}
+        assert LM_EVAL_PYTHON.exists(), f"{LM_EVAL_PYTHON} is missing: `make setup` installs lm-eval there"
+        cmd = [str(LM_EVAL_PYTHON), "-m", "lm_eval", "run", "--model", model, "--model_args", model_args,
+               "--tasks", ",".join(names), "--include_path", str(tasks), "--output_path", str(out), "--log_samples",
+               "--device", "cpu", *extra]
+        self.out, self.names = out, names
+        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def samples(self) -> dict[str, list]:
+        """Each task's per-sample records, in document order, once the run has ended."""
+        try:
+            stdout, stderr = self.process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        assert self.process.returncode == 0, stdout[-3000:] + stderr[-5000:]
+        samples = {}
+        for task in self.names:
+            (path,) = self.out.rglob(f"samples_{task}_*.jsonl")
+            samples[task] = sorted((json.loads(line) for line in path.read_text().splitlines()),
+                                   key=lambda s: s["doc_id"])
+        return samples
 
 
 def loglikelihoods(samples: list[dict]) -> list[float]:
@@ -126,8 +138,9 @@ def test_lm_eval_local_completions_matches_in_process_hf(adapter, server, tiny_m
     api_args = (f"model={model},base_url={server.url}/v1/completions,tokenizer={path},tokenizer_backend=huggingface,"
                 f"num_concurrent=2,max_retries=1,max_length=512,add_bos_token=True")
     names = ["parity_mc", "parity_gen"]
-    served_all = lm_eval(tasks, tmp_path / "api", "local-completions", api_args, names, "--batch_size", "3")
-    reference_all = lm_eval(tasks, tmp_path / "hf", "hf", hf_args, names, "--batch_size", "1")
+    reference = LmEval(tasks, tmp_path / "hf", "hf", hf_args, names, "--batch_size", "1")
+    served_all = LmEval(tasks, tmp_path / "api", "local-completions", api_args, names, "--batch_size", "3").samples()
+    reference_all = reference.samples()
     for task in names:
         served, reference = served_all[task], reference_all[task]
         assert len(served) == len(reference) == (len(MC_DOCS) if task == "parity_mc" else len(GEN_DOCS))
@@ -144,10 +157,11 @@ def test_lm_eval_local_completions_matches_in_process_hf(adapter, server, tiny_m
 def test_lm_eval_local_chat_completions_matches_hf_with_chat_template(server, tiny_models, tasks, tmp_path):
     path = tiny_models["tiny-s"]
     api_args = f"model=tiny-s,base_url={server.url}/v1/chat/completions,num_concurrent=2,max_retries=1"
-    (served,) = lm_eval(tasks, tmp_path / "api", "local-chat-completions", api_args, ["parity_gen"],
-                        "--apply_chat_template").values()
-    (reference,) = lm_eval(tasks, tmp_path / "hf", "hf", f"pretrained={path},dtype=float32", ["parity_gen"],
-                           "--apply_chat_template").values()
+    running = LmEval(tasks, tmp_path / "hf", "hf", f"pretrained={path},dtype=float32", ["parity_gen"],
+                     "--apply_chat_template")
+    (served,) = LmEval(tasks, tmp_path / "api", "local-chat-completions", api_args, ["parity_gen"],
+                       "--apply_chat_template").samples().values()
+    (reference,) = running.samples().values()
     assert len(served) == len(GEN_DOCS)
     assert generations(served) == generations(reference)
 
