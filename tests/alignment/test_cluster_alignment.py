@@ -1,9 +1,9 @@
 """The RLHF chain on the two-node cluster (tests/ray_cluster.py), chained through S3 as users chain it on a
 cluster: the SFT model is read from ``s3://``, the reward job publishes its model to S3, PPO reads both by URI
-and publishes its outputs there; DPO starts from the same SFT model. The drivers run where the test does (the
-head's view of the disks); the training workers, the reward actor and the vLLM rollout actor run on the worker
-node, whose disk the drivers cannot see. The cluster's nodes have no S3 variables: the drivers reach them
-through the jobs' runtime environment.
+and publishes its outputs there; DPO starts from the same SFT model, beside the reward job. The drivers run where
+the test does (the head's view of the disks); the training workers, the reward actor and the vLLM rollout actor
+run on the worker node, whose disk the drivers cannot see. The cluster's nodes have no S3 variables: the drivers
+reach them through the jobs' runtime environment.
 
 PPO runs its whole local config here: the reward rises, KL stays bounded, the rollout actor's log-probabilities
 match the trainer's every iteration, and SIGKILLing the rollout actor mid-run costs a replacement on the worker
@@ -96,12 +96,26 @@ def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray
     fs, path = open_filesystem(sft)
     pafs.copy_files(str(sft_chat_model), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
-    reward_out = s3.uri("cluster-reward")  # its whole local config: PPO needs a reward model that ranks replies
-    driver(ray_cluster, s3, "train_jobs.reward_model", "--config", "train_jobs/configs/local_reward.yaml",
-           f"model={sft}", f"output_dir={reward_out}", "optim.save_every=0")
+    # The reward model and DPO both start from the SFT model: their jobs run side by side (a CPU of the worker
+    # node each), then PPO with the reward model.
+    reward_out, dpo_out = s3.uri("cluster-reward"), s3.uri("cluster-dpo")
+    dpo = start_driver(ray_cluster, s3, "train_jobs.dpo", "--config", "train_jobs/configs/local_dpo.yaml",
+                       f"model={sft}", f"output_dir={dpo_out}", "optim.max_steps=6", "optim.save_every=3",
+                       "data.eval_limit=32")
+    try:  # the reward job's whole local config: PPO needs a reward model that ranks replies
+        driver(ray_cluster, s3, "train_jobs.reward_model", "--config", "train_jobs/configs/local_reward.yaml",
+               f"model={sft}", f"output_dir={reward_out}", "optim.save_every=0")
+    finally:
+        finish(dpo)
     reward_summary = json.loads(s3.read(f"{reward_out}/summary.json"))
     assert reward_summary["output"] == f"{reward_out}/model" and reward_summary["eval_accuracy"] >= 0.9
-    assert {"config.yaml", "metrics.jsonl", "model/config.json", "model/model.safetensors"} <= set(s3.listing(reward_out))
+    assert {"config.yaml", "metrics.jsonl", "model/config.json",
+            "model/model.safetensors"} <= set(s3.listing(reward_out))
+    dpo_summary = json.loads(s3.read(f"{dpo_out}/summary.json"))
+    assert dpo_summary["output"] == f"{dpo_out}/adapter"
+    listed = set(s3.listing(dpo_out))
+    assert {"config.yaml", "metrics.jsonl", "adapter/adapter_model.safetensors"} <= listed
+    assert any(p.startswith("ray/") and "checkpoint_" in p for p in listed)
     ran, started = actors_ran_off_the_head(ray_cluster, started)
     assert ran == {"RayTrainWorker"}
 
@@ -130,16 +144,5 @@ def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray
     assert {"config.yaml", "summary.json", "adapter/adapter_model.safetensors"} <= listed
     assert any(p.startswith("ray/") and "checkpoint_" in p for p in listed)  # PPO's checkpoints in the store
     # The reward actor asks for no resources: it must still not land on the head (it is pinned to rank 0's node).
-    ran, started = actors_ran_off_the_head(ray_cluster, started)
-    assert ran == {"RolloutWorker", "RewardWorker", "RayTrainWorker"}
-
-    dpo_out = s3.uri("cluster-dpo")
-    driver(ray_cluster, s3, "train_jobs.dpo", "--config", "train_jobs/configs/local_dpo.yaml", f"model={sft}",
-           f"output_dir={dpo_out}", "optim.max_steps=6", "optim.save_every=3", "data.eval_limit=32")
-    dpo_summary = json.loads(s3.read(f"{dpo_out}/summary.json"))
-    assert dpo_summary["output"] == f"{dpo_out}/adapter"
-    listed = set(s3.listing(dpo_out))
-    assert {"config.yaml", "metrics.jsonl", "adapter/adapter_model.safetensors"} <= listed
-    assert any(p.startswith("ray/") and "checkpoint_" in p for p in listed)
     ran, _ = actors_ran_off_the_head(ray_cluster, started)
-    assert ran == {"RayTrainWorker"}
+    assert ran == {"RolloutWorker", "RewardWorker", "RayTrainWorker"}
