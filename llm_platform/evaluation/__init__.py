@@ -39,15 +39,17 @@ def run_command(command: str, config: str | None, overrides: list[str], json_pat
     import importlib
     import os
 
-    from transformers.utils import logging as transformers_logging
-
     from llm_platform.config import load_config
+
+    # The config is checked before anything heavy is imported: a bad key is reported in a second, not ten.
+    module = importlib.import_module(f"llm_platform.evaluation.{command}")
+    cfg = load_config(module.Config, config or local_config(command), overrides)
+
+    from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one progress bar per command: its own
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # vLLM logs to stdout by default
-
-    module = importlib.import_module(f"llm_platform.evaluation.{command}")
-    summary = module.run(load_config(module.Config, config or local_config(command), overrides))
+    summary = module.run(cfg)
     publish(module, summary, json_path, plot_path)
     return summary
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
@@ -30,9 +31,11 @@ from llm_platform.evaluation.metrics import ROUGE_TYPES, accuracy, bleu, rouge
 from llm_platform.evaluation.models import (EngineSettings, Variant, build_tiny_if_asked, find_variant,
                                             set_torch_threads)
 from llm_platform.evaluation.output import grouped_bars, progress, pyplot, save
-from llm_platform.evaluation.scoring import LabelScorer
-from llm_platform.models.loading import resolve_model
+from llm_platform.models.checkpoints import resolve_model
 from llm_platform.report import format_table
+
+if TYPE_CHECKING:  # scoring imports torch and transformers (seconds): _scorer does, after the config is checked
+    from llm_platform.evaluation.scoring import LabelScorer
 
 BASE = "base"
 SENTIMENT_LABELS = ("positive", "negative")
@@ -162,6 +165,8 @@ def second_task_accuracy(cfg: Config, variants: list[Variant]) -> dict[str, floa
 
 
 def _scorer(cfg: Config, variant: Variant | None) -> LabelScorer:
+    from llm_platform.evaluation.scoring import LabelScorer
+
     if variant is None:
         return LabelScorer(cfg.base, device=cfg.device)
     if variant.adapter:

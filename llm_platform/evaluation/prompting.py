@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -24,8 +24,10 @@ from llm_platform.evaluation import EvaluationError
 from llm_platform.evaluation.metrics import accuracy
 from llm_platform.evaluation.models import build_tiny_if_asked, set_torch_threads
 from llm_platform.evaluation.output import grouped_bars, progress, pyplot, save
-from llm_platform.evaluation.scoring import LabelScorer
 from llm_platform.report import format_table
+
+if TYPE_CHECKING:  # scoring imports torch and transformers (seconds): run() does, after the config is checked
+    from llm_platform.evaluation.scoring import LabelScorer
 
 Style = Literal["zero_shot", "few_shot", "instruction"]
 CANDIDATES = [" " + NLI_ANSWERS[label] for label in sorted(NLI_ANSWERS)]  # index == AX-b label
@@ -63,6 +65,8 @@ class Config(FrozenConfig):
 
 def run(cfg: Config, scorer_for: Callable[[ScoredModel], LabelScorer] | None = None) -> dict:
     """Score every style on every model; ``scorer_for`` lends scorers the caller has loaded."""
+    from llm_platform.evaluation.scoring import LabelScorer
+
     build_tiny_if_asked(cfg.build_tiny_models)
     set_torch_threads(cfg.torch_threads)
     check_models(cfg.models)
