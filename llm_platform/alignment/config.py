@@ -1,5 +1,6 @@
 """The alignment jobs' configs: the reward model, DPO, and RLHF with PPO (rollout engines, sampling, PPO
-settings, the policy's LoRA)."""
+settings, the policy's LoRA). Nothing here imports torch, datasets or the trainers, so that
+``python -m train_jobs.X`` checks its config in a second."""
 
 from __future__ import annotations
 
@@ -7,10 +8,35 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from llm_platform.alignment.preference_training import check_scaling
-from llm_platform.alignment.preferences import PreferenceData
 from llm_platform.config import FrozenConfig
-from llm_platform.training.config import DType, LoraSettings, OptimSettings, ScalingSettings, TrackingSettings
+from llm_platform.training.config import (DType, LoraSettings, OptimSettings, ScalingSettings, TrackingSettings,
+                                          check_batch)
+
+
+class PreferenceData(FrozenConfig):
+    """Where the preference pairs come from."""
+
+    source: str = "synthetic:preferences"
+    """``synthetic:preferences``, a JSONL/Parquet file or folder of split files, or a hub dataset, with
+    ``prompt``, ``chosen`` and ``rejected`` columns (text, or TRL's conversational message lists)."""
+    subset: str | None = None
+    """Hub dataset configuration name, if any."""
+    train_limit: int | None = Field(None, ge=1)
+    """Use at most this many training pairs."""
+    eval_split: str = "test"
+    """Held-out split the before/after figures are measured on (hub preference sets have train/test)."""
+    eval_limit: int | None = Field(200, ge=1)
+    """Held-out pairs for the figures in summary.json."""
+    max_length: int = Field(256, ge=16)
+    """Tokens of prompt + reply: the reward trainer drops longer training pairs, DPO truncates them."""
+
+
+def check_scaling(optim: OptimSettings, scaling: ScalingSettings) -> None:
+    """Validation shared by the reward and DPO configs."""
+    check_batch(optim, scaling)
+    if scaling.sharding == "fsdp":
+        raise ValueError("scaling.sharding: TRL's trainers run DDP here (every worker a full replica); "
+                         "accelerate enables FSDP only on GPUs")
 
 
 class RolloutSettings(FrozenConfig):

@@ -17,18 +17,9 @@ from typing import Any
 
 from llm_platform import console
 from llm_platform.errors import PlatformError
-from llm_platform.training.config import OptimSettings, ScalingSettings, check_batch
-from llm_platform.training.checkpoint import SETTINGS  # the run's training settings, in each Trainer checkpoint
+from llm_platform.training.config import OptimSettings, ScalingSettings
 from llm_platform.training.outputs import MetricsLog
 
-
-
-def check_scaling(optim: OptimSettings, scaling: ScalingSettings) -> None:
-    """Validation shared by the reward and DPO configs."""
-    check_batch(optim, scaling)
-    if scaling.sharding == "fsdp":
-        raise ValueError("scaling.sharding: TRL's trainers run DDP here (every worker a full replica); "
-                         "accelerate enables FSDP only on GPUs")
 
 
 def trainer_arguments(optim: OptimSettings, scaling: ScalingSettings, dtype: str, output_dir: str,
@@ -59,6 +50,8 @@ def settings_callback(settings: dict):
     rerun under the same name can tell whether the checkpoint it would resume from is from the same run."""
     from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
+
+    from llm_platform.training.checkpoint import SETTINGS  # the run's training settings, in each Trainer checkpoint
 
     class SettingsCallback(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):

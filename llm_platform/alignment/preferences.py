@@ -13,32 +13,12 @@ from collections.abc import Sequence
 
 import datasets
 import torch
-from pydantic import Field
-
-from llm_platform.config import FrozenConfig
+from llm_platform.alignment.config import PreferenceData
 from llm_platform.data.loader import load_records
 
 COLUMNS = ("prompt", "chosen", "rejected")
 Turns = str | list[dict]
 """A user prompt or an assistant reply: plain text, or a list of ``{"role", "content"}`` messages."""
-
-
-class PreferenceData(FrozenConfig):
-    """Where the preference pairs come from."""
-
-    source: str = "synthetic:preferences"
-    """``synthetic:preferences``, a JSONL/Parquet file or folder of split files, or a hub dataset, with
-    ``prompt``, ``chosen`` and ``rejected`` columns (text, or TRL's conversational message lists)."""
-    subset: str | None = None
-    """Hub dataset configuration name, if any."""
-    train_limit: int | None = Field(None, ge=1)
-    """Use at most this many training pairs."""
-    eval_split: str = "test"
-    """Held-out split the before/after figures are measured on (hub preference sets have train/test)."""
-    eval_limit: int | None = Field(200, ge=1)
-    """Held-out pairs for the figures in summary.json."""
-    max_length: int = Field(256, ge=16)
-    """Tokens of prompt + reply: the reward trainer drops longer training pairs, DPO truncates them."""
 
 
 def load_pairs(data: PreferenceData, split: str) -> datasets.Dataset:

@@ -24,14 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from llm_platform import console
 from llm_platform.alignment.config import RLHFConfig
 from llm_platform.engine.adapters import lora_slot_rank
 from llm_platform.errors import PlatformError
-from llm_platform.training.checkpoint import write_settings
 from llm_platform.training.job import Job, run
+
+# torch is imported in the functions that use it: the driver checks its config before that costs seconds.
 
 
 class StaleWeightsError(PlatformError):
@@ -69,6 +68,7 @@ def _reward_placement(cfg: RLHFConfig):
 
 def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
     import ray
+    import torch
     import torch.distributed as dist
     from llm_platform.alignment import ppo
     from llm_platform.alignment.rollout import RewardWorker, RolloutPool
@@ -174,6 +174,8 @@ def _learn(cfg, model, core, optimizer, kl_control, samples, scores, pad_id, ctx
     Every forward runs on at most ``ppo.micro_batch_size`` sequences (each cut to its own longest
     length); a minibatch's gradients are accumulated over its micro-batches, each loss a share of the
     minibatch's token mean, so the update is the one a single pass over the minibatch would make."""
+    import torch
+
     from llm_platform.alignment import ppo
     from llm_platform.training.distributed import all_reduce_sum, gradient_sync
 
@@ -285,6 +287,10 @@ def _publish_policy(core, version: int, pool) -> float:
 
 def _checkpoint(ctx, core, optimizer, kl_control, iteration: int, row: dict, every: int, last: int,
                 settings: dict) -> None:
+    import torch
+
+    from llm_platform.training.checkpoint import write_settings
+
     if iteration % every and iteration != last:
         ctx.report(row, None)
         return
@@ -299,6 +305,8 @@ def _checkpoint(ctx, core, optimizer, kl_control, iteration: int, row: dict, eve
 
 
 def _restore(ctx, core, optimizer, kl_control) -> int:
+    import torch
+
     if not ctx.checkpoint_dir:
         return 0
     state = torch.load(Path(ctx.checkpoint_dir) / "ppo.pt", weights_only=True)
