@@ -326,13 +326,15 @@ def _progress(row: dict, iterations: int) -> str:
 
 
 def prepare(cfg: RLHFConfig) -> RLHFConfig:
-    from llm_platform.models.loading import load_model_config, resolve_model
+    from llm_platform.models.checkpoints import resolve_model
     from llm_platform.models.tiny import ensure_tiny_model
     from llm_platform.prerequisites import missing
     from llm_platform.training.outputs import absolute
 
     ensure_tiny_model(cfg.policy_model)
     resolve_model(cfg.policy_model, weights=False)  # there, or fetchable: the workers load the weights
+    from llm_platform.models.loading import load_model_config  # transformers: after the checks that need none
+
     load_model_config(cfg.policy_model, trust_remote_code=cfg.trust_remote_code)  # code it ships is allowed
     if not Path(cfg.reward_model).expanduser().is_dir() and "://" not in cfg.reward_model:
         raise PlatformError(missing("reward_model", cfg.reward_model, "train one first with `python -m "

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from llm_platform.data import synthetic, templates
 from llm_platform.data.loader import synthetic_split
+
+if TYPE_CHECKING:  # imported where used: ensure_tiny_model's callers check their inputs before torch costs seconds
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB_SIZE = 1024
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -195,6 +195,9 @@ def build_tokenizer(family: str = "tiny") -> PreTrainedTokenizerFast:
     """Byte-level BPE (no unknown characters) trained on :func:`tokenizer_corpus`, with ``family``'s special
     tokens and chat template. A family with a BOS token prepends it, as Llama's tokenizers do; ChatML
     (Qwen) has none."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     spec = chat_family(family)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -215,6 +218,9 @@ def build_tokenizer(family: str = "tiny") -> PreTrainedTokenizerFast:
 
 def build_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast, seed: int = 0,
                 family: str = "tiny") -> LlamaForCausalLM:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
@@ -265,6 +271,9 @@ def build_tiny_models(out_dir: str | Path, force: bool = False, chat_template: s
 
 def parameter_count(path: str | Path) -> int:
     """Parameters of a saved checkpoint, read from its config without loading weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig.from_pretrained(path)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

@@ -57,14 +57,14 @@ def run(job: Job, cfg, callbacks: list | None = None, prepared: bool = False) ->
     """Run ``job`` on Ray Train and return its summary, also written to ``OUTPUT_DIR/summary.json``.
     ``callbacks``: Ray Train callbacks (a Tune trial's report callback); ``prepared``: the caller has run
     ``prepare`` and ``check_inputs`` already (a Tune search does, once for all its trials)."""
+    if not prepared:  # before the imports below (torch, Ray: seconds), so that a wrong input fails at once
+        cfg = job.prepare(cfg)
+        job.check_inputs(cfg)
     from llm_platform.training.checkpoint import stored_settings
     from llm_platform.training.launch import fit, storage_for
     from llm_platform.training.outputs import JobOutputs, register_adapter
     from llm_platform.training.tracking import check_tracking
 
-    if not prepared:
-        cfg = job.prepare(cfg)
-        job.check_inputs(cfg)
     check_tracking(cfg.tracking)
     outputs = JobOutputs.create(cfg.output_dir)
     try:
