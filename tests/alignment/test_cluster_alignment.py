@@ -90,11 +90,12 @@ def actors_ran_off_the_head(ray_cluster, before: Counter) -> tuple[set[str], Cou
     return {name for name in JOB_ACTORS if now[name] > before[name]}, now
 
 
-def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(ray_cluster, s3, sft_chat_model):
+def test_reward_model_then_ppo_and_dpo_on_the_worker_node_chained_through_s3(sft_chat_model, ray_cluster, s3):
     started = actors_started(ray_cluster.worker_temp)
     sft = s3.uri("sft-chat-model")
     fs, path = open_filesystem(sft)
-    pafs.copy_files(str(sft_chat_model), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(str(sft_chat_model.result()), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
 
     # The reward model and DPO both start from the SFT model: their jobs run side by side (a CPU of the worker
     # node each), then PPO with the reward model.
