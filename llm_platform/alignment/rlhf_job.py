@@ -46,11 +46,27 @@ def verify_sync(row: dict, tolerance: float) -> None:
             f"being trained (stale or wrongly loaded adapter)")
 
 
-def train(cfg: RLHFConfig, folder: Path | None) -> None:
-    """What each Ray Train worker runs."""
+def train(cfg: RLHFConfig, folder: Path | None, pool) -> None:
+    """What each Ray Train worker runs; ``pool`` is the rollout pool the driver started (:func:`start_rollouts`)."""
     from llm_platform.training.distributed import ray_train_context
 
-    run_ppo(cfg, ray_train_context(), folder)
+    run_ppo(cfg, ray_train_context(), folder, pool)
+
+
+def start_rollouts(cfg: RLHFConfig):
+    """The rollout pool, started by the driver before Ray Train starts the trainer: its actors' engines start
+    (new processes, vLLM's imports and start-up: tens of seconds here, minutes for a large model on GPUs) while
+    Ray Train starts its controller and workers and rank 0 builds the policy, instead of after. Rank 0 uses it
+    (and replaces an actor that dies); the driver shuts it down when the run ends, however it ends."""
+    from llm_platform.alignment.rollout import RolloutPool
+    from llm_platform.engine import EngineConfig
+
+    engine = EngineConfig(model=cfg.policy_model, kind=cfg.rollout.engine, dtype=cfg.dtype, device=rollout_device(cfg),
+                          max_model_len=cfg.rollout.max_model_len, trust_remote_code=cfg.trust_remote_code,
+                          enable_soft_prompts=False, max_lora_rank=lora_slot_rank(cfg.lora.r), max_loras=1,
+                          max_cpu_loras=2, cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, seed=cfg.ppo.seed)
+    return RolloutPool(engine, cfg.rollout.num_workers, cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker,
+                       cfg.run_name)
 
 
 def _reward_placement(cfg: RLHFConfig):
@@ -66,13 +82,13 @@ def _reward_placement(cfg: RLHFConfig):
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
+def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None, pool) -> None:
     import ray
     import torch
     import torch.distributed as dist
     from llm_platform.alignment import ppo
-    from llm_platform.alignment.rollout import RewardWorker, RolloutPool
-    from llm_platform.engine import EngineConfig, SamplingParams
+    from llm_platform.alignment.rollout import RewardWorker
+    from llm_platform.engine import SamplingParams
     from llm_platform.training.devices import placement
     from llm_platform.training.distributed import shard, unwrap
     from llm_platform.training.outputs import write_summary
@@ -80,22 +96,15 @@ def run_ppo(cfg: RLHFConfig, ctx, folder: Path | None) -> None:
 
     torch.manual_seed(cfg.ppo.seed)
     device = policy_placement(cfg).check(ctx.device)
-    pool = reward = None
+    reward = None
     if ctx.is_main:
-        # The actors first: the reward actor loads its model and the rollout pool starts its engines (new
-        # processes, imports, vLLM's start: tens of seconds) while this worker builds the policy.
-        engine = EngineConfig(model=cfg.policy_model, kind=cfg.rollout.engine, dtype=cfg.dtype,
-                              device=rollout_device(cfg),
-                              max_model_len=cfg.rollout.max_model_len, trust_remote_code=cfg.trust_remote_code,
-                              enable_soft_prompts=False, max_lora_rank=lora_slot_rank(cfg.lora.r), max_loras=1,
-                              max_cpu_loras=2, cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, seed=cfg.ppo.seed)
+        # The reward actor first: it loads its model while this worker builds the policy (and the rollout
+        # pool, started by the driver, its engines).
         scorer = placement(cfg.reward_actor.num_gpus > 0, cfg.reward_dtype)
         reward = ray.remote(RewardWorker).options(
             num_cpus=cfg.reward_actor.num_cpus, num_gpus=cfg.reward_actor.num_gpus,
             scheduling_strategy=_reward_placement(cfg),
         ).remote(cfg.reward_model, scorer.device_type, cfg.reward_dtype, cfg.trust_remote_code)
-        pool = RolloutPool(engine, cfg.rollout.num_workers, cfg.rollout.cpus_per_worker,
-                           cfg.rollout.gpus_per_worker, cfg.run_name)
     model, tokenizer = build_policy(cfg, str(device))
     model = shard(model, "ddp" if ctx.world > 1 else "none", device)
     core = unwrap(model)
@@ -353,7 +362,7 @@ def settings(cfg: RLHFConfig) -> dict:
 
 
 JOB = Job(name="rlhf", config=RLHFConfig, train=train, example_config="train_jobs/configs/local_rlhf.yaml",
-          prepare=prepare, settings=settings)
+          prepare=prepare, settings=settings, actors=start_rollouts)
 
 
 def main(cfg: RLHFConfig) -> dict:

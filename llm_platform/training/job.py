@@ -51,6 +51,10 @@ class Job:
     """What a checkpoint depends on: a rerun under the same ``run_name`` resumes only with the same."""
     adapter_kind: Callable[[Any], str] | None = None
     """What ``register_url`` registers (``lora``, ``soft_prompt``); None for jobs that do not register."""
+    actors: Callable[[Any], Any] | None = None
+    """Ray actors the workers use (PPO's rollout pool), started by the driver before ``fit``: they start while
+    Ray Train starts its workers. Handed to ``train(cfg, folder, actors)``; their ``shutdown()`` is called
+    when the run ends, however it ends."""
 
 
 def run(job: Job, cfg, callbacks: list | None = None, prepared: bool = False) -> dict:
@@ -60,6 +64,7 @@ def run(job: Job, cfg, callbacks: list | None = None, prepared: bool = False) ->
     if not prepared:  # before the imports below (torch, Ray: seconds), so that a wrong input fails at once
         cfg = job.prepare(cfg)
         job.check_inputs(cfg)
+    from llm_platform.cluster import connect
     from llm_platform.training.checkpoint import stored_settings
     from llm_platform.training.launch import fit, storage_for
     from llm_platform.training.outputs import JobOutputs, register_adapter
@@ -67,13 +72,17 @@ def run(job: Job, cfg, callbacks: list | None = None, prepared: bool = False) ->
 
     check_tracking(cfg.tracking)
     outputs = JobOutputs.create(cfg.output_dir)
+    actors = None
     try:
         outputs.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         storage = storage_for(cfg.storage_path, outputs.output_dir)
         if job.settings is not None:
             check_resumable(storage, cfg.run_name, job.settings(cfg), stored_settings(storage, cfg.run_name))
-        fit(partial(_worker, job), {"config": cfg.model_dump(), "outputs": outputs.as_dict()}, cfg.scaling,
-            cfg.run_name, storage, callbacks)
+        if job.actors is not None:
+            connect()
+            actors = job.actors(cfg)
+        fit(partial(_worker, job), {"config": cfg.model_dump(), "outputs": outputs.as_dict(), "actors": actors},
+            cfg.scaling, cfg.run_name, storage, callbacks)
         summary = outputs.read_json("summary.json")
         summary["output"] = outputs.location(summary["output"])  # published: where every node can read it
         if getattr(cfg, "register_url", None):
@@ -82,6 +91,8 @@ def run(job: Job, cfg, callbacks: list | None = None, prepared: bool = False) ->
             summary["registered_as"] = card.get("id")
         outputs.write_json("summary.json", summary)
     finally:
+        if actors is not None:
+            actors.shutdown()
         outputs.finish()
     return summary
 
@@ -96,7 +107,7 @@ def _worker(job: Job, loop_config: dict) -> None:
     outputs = JobOutputs(**loop_config["outputs"])
     main = ray.train.get_context().get_world_rank() == 0
     folder = outputs.worker_folder() if main else None
-    job.train(cfg, folder)
+    job.train(cfg, folder, *(() if job.actors is None else (loop_config["actors"],)))
     if main:
         outputs.publish(folder)
 
