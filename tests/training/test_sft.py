@@ -16,7 +16,7 @@ from tests.training.conftest import CONFIGS, metric_rows, run_sft, two_at_a_time
 
 @pytest.fixture(scope="module")
 def qlora_run(ray_local, tiny_models, tmp_path_factory):
-    """The QLoRA job (its local config: 600 steps, about 4 minutes) running in the background; its test awaits it.
+    """The QLoRA job (its local config: 200 steps, about 2 minutes) running in the background; its test awaits it.
     It trains on one Ray Train worker of one CPU, single-threaded, and leaves the machine's second core mostly
     idle (0.68 of the two cores busy over its run, measured), so ``lora_run`` starts it first and the module's
     other jobs run on that core meanwhile. Two trainers' ``fit`` run from one driver's threads, each waiting on
