@@ -14,25 +14,43 @@ from llm_platform.training.config import SFTConfig
 from tests.training.conftest import CONFIGS, metric_rows, run_sft, two_at_a_time
 
 
-@pytest.fixture(scope="module")
-def qlora_run(ray_local, tiny_models, tmp_path_factory):
-    """The QLoRA job (its local config: 200 steps, about 2 minutes) running in the background; its test awaits it.
-    It trains on one Ray Train worker of one CPU, single-threaded, and leaves the machine's second core mostly
-    idle (0.68 of the two cores busy over its run, measured), so ``lora_run`` starts it first and the module's
-    other jobs run on that core meanwhile. Two trainers' ``fit`` run from one driver's threads, each waiting on
-    its own Ray Train controller."""
-    out = tmp_path_factory.mktemp("sft-qlora")
-    with two_at_a_time({"qlora": partial(run_sft, "local_qlora.yaml", tiny_models["tiny-m"], out,
-                                         "optim.save_every=0")}) as futures:
-        yield out, futures["qlora"]
+# The module's single-worker jobs on tiny-m, longest first: the first two start together, each later one when a
+# thread frees (LoRA, done first, leaves its thread to prompt tuning, the longer of the last two).
+BACKGROUND = ("qlora", "lora", "prompt_tuning", "full")
+
+
+def _job_of(item) -> str | None:
+    """Which background job a collected test of this module awaits, if any."""
+    if item.module.__name__ != __name__:
+        return None
+    if "lora_run" in item.fixturenames:
+        return "lora"
+    if item.originalname == "test_qlora_beats_the_untrained_model":
+        return "qlora"
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("method") if callspec else None
 
 
 @pytest.fixture(scope="module")
-def lora_run(request, ray_local, tiny_models, tmp_path_factory):
-    if any("qlora_run" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("qlora_run")  # started before this job, when its test is among those run
-    out = tmp_path_factory.mktemp("sft-lora")
-    return out, run_sft("local_lora.yaml", tiny_models["tiny-m"], out)
+def jobs(request, ray_local, tiny_models, tmp_path_factory):
+    """``{method: (out, future)}``: the jobs of the tests being run, two at a time in this process's threads
+    (``two_at_a_time``), all started with the first test that asks. Each trains on one Ray Train worker of one
+    CPU, single-threaded: one job alone left the second core mostly idle (0.68 of the two cores busy over QLoRA's
+    run, measured), and two fill the session's two-CPU cluster. Each test awaits its own job; the FSDP test,
+    which needs both CPUs, comes after them in the file. The LoRA job keeps its checkpoints (its test reads them);
+    the others save only at the end."""
+    wanted = {_job_of(item) for item in request.session.items}
+    outs = {name: tmp_path_factory.mktemp(f"sft-{name}") for name in BACKGROUND if name in wanted}
+    runs = {name: partial(run_sft, f"local_{name}.yaml", tiny_models["tiny-m"], out,
+                          *([] if name == "lora" else ["optim.save_every=0"])) for name, out in outs.items()}
+    with two_at_a_time(runs) as futures:
+        yield {name: (outs[name], futures[name]) for name in outs}
+
+
+@pytest.fixture(scope="module")
+def lora_run(jobs):
+    out, job = jobs["lora"]
+    return out, job.result()
 
 
 @pytest.mark.slow
@@ -90,14 +108,14 @@ def test_lora_adapter_answers_through_vllm(lora_run, tiny_models, engines, loop)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "prompt_tuning"])
-def test_other_methods_beat_the_untrained_model(method, ray_local, tiny_models, tmp_path):
-    summary = run_sft(f"local_{method}.yaml", tiny_models["tiny-m"], tmp_path, "optim.save_every=0")
-    check_learnt(method, summary, tiny_models["tiny-m"], tmp_path)
+def test_other_methods_beat_the_untrained_model(method, jobs, tiny_models):
+    out, job = jobs[method]
+    check_learnt(method, job.result(), tiny_models["tiny-m"], out)
 
 
 @pytest.mark.slow
-def test_qlora_beats_the_untrained_model(qlora_run, tiny_models):
-    out, job = qlora_run
+def test_qlora_beats_the_untrained_model(jobs, tiny_models):
+    out, job = jobs["qlora"]
     check_learnt("qlora", job.result(), tiny_models["tiny-m"], out)
 
 
